@@ -1,0 +1,289 @@
+"""One typed configuration tree for every job.
+
+The tree is made of frozen dataclasses so that a resolved config can be hashed, compared and saved
+verbatim inside every checkpoint and index manifest. It is built in layers, later layers winning:
+
+    defaults (the DCGH authors' setting) -> dataset preset -> YAML file -> ``key=value`` overrides
+
+Overrides use dotted paths (``optim.head_lr=3e-4``, ``model.bits=32``); values are parsed as YAML
+scalars and checked against the field's type, so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+VALID_BITS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["clip", "features"] = "clip"
+    # clip family: a size preset from dcgh_dist.models.clip.CLIP_PRESETS
+    clip_preset: str = "vit-b-32"
+    # Local Hugging Face CLIP directory or OpenAI-format ``.pt`` file; None = random init.
+    pretrained: str | None = None
+    # What stays frozen: "none", "towers" (train the hash heads only), "image", "text".
+    freeze: Literal["none", "towers", "image", "text"] = "none"
+    bits: int = 64
+    hash_dropout: float = 0.2  # the authors' LinearHash uses Dropout(0.2) before tanh
+    image_size: int | None = None  # None = the preset's size
+    context_length: int = 32  # the authors' max_words
+    # features family: MLP widths over precomputed vectors (input sizes come from the dataset)
+    feature_hidden: tuple[int, ...] = (1024,)
+    feature_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Defaults reproduce HyP.forward of the authors' code: total = proxy terms + 0.8 * n2n
+    # + 0.05 * p2p + variance.
+    proxy_weight: float = 1.0
+    pairwise_pos_weight: float = 0.05
+    pairwise_neg_weight: float = 0.8
+    variance_weight: float = 1.0
+    variance_mode: Literal["reference", "masked"] = "reference"
+    # "global": pair terms between the local batch and codes gathered from all workers;
+    # "local": each worker only sees its own batch (for comparison).
+    gather: Literal["global", "local"] = "global"
+    # Proxies: initialised as the reference (kaiming-normal fan_out, then tanh, seeded) and
+    # optimised by their own SGD.
+    proxy_seed: int = 0
+    proxy_lr: float = 0.02
+    proxy_momentum: float = 0.9
+    proxy_weight_decay: float = 5e-4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    tower_lr: float = 1e-5  # CLIP towers (pretrained): the authors' clip_lr
+    head_lr: float = 1e-3  # hash heads (and feature MLPs)
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_fraction: float = 0.1
+    schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    max_grad_norm: float = 1.0
+    # "linear": multiply both learning rates by num_workers (global batch grows with workers);
+    # "none": keep them. See docs/TRAINING.md.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "demo", a preset name (coco, ...), a local directory or an s3:// prefix.
+    dataset: str = "demo"
+    batch_size: int = 128  # per worker
+    augment: bool = True
+    # Streaming shuffle: block order is randomised every epoch and rows are mixed in a local
+    # buffer, so the dataset never has to fit in memory. 0 disables the local buffer.
+    shuffle_buffer: int = 2048
+    # Size of the generated demo dataset (only used when dataset == "demo").
+    demo_size: int = 4000
+    demo_seed: int = 0
+    # Where generated/prepared datasets live; None = $DCGH_DATA_ROOT or ~/.cache/dcgh_dist.
+    data_root: str | None = None
+    # S3-compatible endpoint override (MinIO, moto, ...); None = AWS default resolution.
+    s3_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # Ray: None = start a local cluster (or join RAY_ADDRESS if set).
+    ray_address: str | None = None
+    # Logical CPUs for a *local* cluster; None = max(4, os.cpu_count()). More logical CPUs than
+    # cores keeps Ray Data from being starved by the training workers on small machines.
+    ray_num_cpus: int | None = None
+    output_dir: str = "runs/latest"
+    log_every: int = 20
+    select_on_val: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ndcg_k: int = 1000
+    precision_k: tuple[int, ...] = (1, 10, 100, 1000)
+    map_topk: int | None = None  # None = mAP over the whole retrieval database
+    batch_size: int = 256
+    pr_curve: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        return _from_plain(cls, data, "")
+
+    def validate(self) -> "Config":
+        if self.model.bits not in VALID_BITS:
+            raise ValueError(f"model.bits must be one of {VALID_BITS}, got {self.model.bits}")
+        if self.data.batch_size < 2:
+            raise ValueError("data.batch_size must be >= 2: the pairwise terms need pairs")
+        if self.train.epochs < 1:
+            raise ValueError("train.epochs must be >= 1")
+        if self.train.num_workers < 1:
+            raise ValueError("train.num_workers must be >= 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-dict conversion with type checking
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; error names the config key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config {where or 'root'}: expected a mapping, got {value!r}")
+        return _from_plain(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"config {where}: {value!r} does not fit {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config {where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config {where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config {where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"config {where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as e:
+            raise ValueError(f"config {where}: expected an integer, got {value!r}") from e
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config {where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config {where}: expected a number, got {value!r}") from e
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"config {where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_plain(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {sorted(f'{prefix}{k}' for k in unknown)}; "
+            f"valid keys under '{prefix or 'root'}': {sorted(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["optim.head_lr=3e-4", "model.bits=32"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        cur = nested
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    preset: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a validated config: defaults <- preset <- YAML file <- overrides."""
+    merged = Config().to_dict()
+    if preset:
+        merged = _deep_merge(merged, preset)
+    if yaml_path is not None:
+        with open(yaml_path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{yaml_path}: top level must be a mapping of sections")
+        merged = _deep_merge(merged, loaded)
+    if overrides:
+        ov = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        merged = _deep_merge(merged, ov)
+    return Config.from_dict(merged).validate()

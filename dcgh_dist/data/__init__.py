@@ -1,0 +1,1 @@
+"""Dataset format, demo data and preprocessing."""

@@ -1,0 +1,99 @@
+"""Ray Data pipelines over the dataset format: read only the needed columns, filter a split,
+preprocess in CPU tasks (separate from the training workers), stream.
+
+Local paths and ``s3://`` prefixes go through the same code: a pyarrow filesystem resolved once
+(with an optional S3-compatible endpoint) is handed to ``ray.data.read_parquet``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from dcgh_dist.config import Config
+from dcgh_dist.data.format import DatasetInfo, list_data_files, resolve_filesystem
+from dcgh_dist.data.preprocess import BatchPreprocessor
+
+
+def image_size_for(cfg: Config) -> int:
+    if cfg.model.image_size:
+        return cfg.model.image_size
+    from dcgh_dist.models.towers import CLIP_PRESETS
+
+    return CLIP_PRESETS[cfg.model.clip_preset].image_size if cfg.model.clip_preset in CLIP_PRESETS else 224
+
+
+def make_preprocessor(
+    cfg: Config,
+    info: DatasetInfo,
+    *,
+    augment: bool,
+    modalities: tuple[str, ...] = ("image", "text"),
+    image_size: int | None = None,
+) -> BatchPreprocessor:
+    tok_dir = cfg.model.pretrained if cfg.model.pretrained and not str(cfg.model.pretrained).endswith(".pt") else None
+    return BatchPreprocessor(
+        info,
+        image_size=image_size or image_size_for(cfg),
+        context_length=cfg.model.context_length,
+        augment=augment,
+        tokenizer_dir=tok_dir,
+        modalities=modalities,
+    )
+
+
+def read_split(
+    uri: str,
+    info: DatasetInfo,
+    cfg: Config,
+    splits: Sequence[str],
+    *,
+    augment: bool = False,
+    shuffle_files: bool = False,
+    modalities: tuple[str, ...] = ("image", "text"),
+    keep_split: bool = False,
+    image_size: int | None = None,
+    files: Sequence[str] | None = None,
+):
+    """A lazily executed, streaming Ray Dataset of preprocessed rows of the given splits.
+
+    ``shuffle_files`` re-shuffles the file order on every epoch (each epoch re-executes the
+    pipeline); rows are further mixed by the consumer's local shuffle buffer, so shuffling never
+    needs the dataset in memory.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    fs, _ = resolve_filesystem(uri, cfg.data.s3_endpoint)
+    files = list(files) if files is not None else list_data_files(uri, cfg.data.s3_endpoint)
+    columns = ["id", "labels", "split"]
+    if "image" in modalities:
+        columns.append(info.image_column)
+    if "text" in modalities:
+        columns.append(info.text_column)
+    ds = ray.data.read_parquet(
+        files,
+        filesystem=fs,
+        columns=columns,
+        include_paths=True,  # so a bad row's error can name its file
+        shuffle="files" if shuffle_files else None,
+    )
+    ds = ds.filter(expr=col("split").is_in(list(splits)))
+    pre = make_preprocessor(cfg, info, augment=augment, modalities=modalities, image_size=image_size)
+    ds = ds.map_batches(
+        _WithSplit(pre) if keep_split else pre,
+        batch_format="numpy",
+        batch_size=min(256, cfg.data.batch_size * 2),
+    )
+    return ds
+
+
+class _WithSplit:
+    """Preprocess and carry the ``split`` column through (evaluation needs it)."""
+
+    def __init__(self, pre: BatchPreprocessor):
+        self.pre = pre
+
+    def __call__(self, batch):
+        out = self.pre(batch)
+        out["split"] = batch["split"]
+        return out

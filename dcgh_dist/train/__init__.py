@@ -1,0 +1,1 @@
+"""Training: the per-worker loop (Ray Train) and the driver that launches it."""

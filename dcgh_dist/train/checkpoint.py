@@ -1,0 +1,153 @@
+"""Checkpoint layout, shared by training, evaluation, encoding and serving.
+
+A checkpoint is a directory:
+
+    model.pt           hasher state dict (no DDP/DeepSpeed prefixes)
+    proxies.pt         class proxies
+    train_state.pt     optimizers, scheduler, RNG-free counters (only needed to resume)
+    meta.json          resolved config, dataset.json, epoch/step, metrics, history, fingerprint
+
+Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dcgh_dist.config import Config
+from dcgh_dist.data.format import DatasetInfo
+
+CHECKPOINT_FORMAT = "dcgh-dist-checkpoint-v1"
+
+
+@dataclass
+class CheckpointMeta:
+    config: Config
+    dataset_info: DatasetInfo
+    epoch: int = 0
+    global_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: str = ""
+    # CLIP tower configs (transformers dicts): rebuild the exact architecture, whatever preset
+    # or pretrained file it came from.
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": self.config.to_dict(),
+                "dataset_info": json.loads(self.dataset_info.to_json()),
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "metrics": self.metrics,
+                "history": self.history,
+                "fingerprint": self.fingerprint,
+                "architecture": self.architecture,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "meta.json") -> "CheckpointMeta":
+        d = json.loads(text)
+        if d.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where}: not a dcgh-dist checkpoint (format {d.get('format')!r})")
+        return cls(
+            config=Config.from_dict(d["config"]),
+            dataset_info=DatasetInfo.from_json(json.dumps(d["dataset_info"])),
+            epoch=d.get("epoch", 0),
+            global_step=d.get("global_step", 0),
+            metrics=d.get("metrics", {}),
+            history=d.get("history", []),
+            fingerprint=d.get("fingerprint", ""),
+            architecture=d.get("architecture", {}),
+        )
+
+
+def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A stable hash of the weights: index manifests record it to refuse codes of another model."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str,
+    model_state: dict[str, torch.Tensor],
+    proxies_state: dict[str, torch.Tensor],
+    meta: CheckpointMeta,
+    train_state: dict[str, Any] | None = None,
+) -> None:
+    os.makedirs(path, exist_ok=True)
+    meta.fingerprint = state_fingerprint(model_state)
+    torch.save(model_state, os.path.join(path, "model.pt"))
+    torch.save(proxies_state, os.path.join(path, "proxies.pt"))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(path, "train_state.pt"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        f.write(meta.to_json())
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no meta.json)")
+    with open(meta_path) as f:
+        return CheckpointMeta.from_json(f.read(), where=meta_path)
+
+
+def load_state(path: str, name: str) -> dict[str, Any]:
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: checkpoint has no {name}")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str, *, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from a checkpoint directory."""
+    from dcgh_dist.models import build_model
+
+    meta = read_meta(path)
+    model = build_model_for(meta)
+    model.load_state_dict(load_state(path, "model.pt"))
+    return model.to(device).eval(), meta
+
+
+def architecture_of(model) -> dict[str, Any]:
+    from dcgh_dist.models.towers import ClipImageTower
+
+    if isinstance(model.image_tower, ClipImageTower):
+        return {
+            "vision": model.image_tower.model.config.to_dict(),
+            "text": model.text_tower.model.config.to_dict(),
+        }
+    return {}
+
+
+def build_model_for(meta: CheckpointMeta):
+    """An untrained model of the checkpoint's exact architecture (weights to be loaded)."""
+    from dataclasses import replace
+
+    from dcgh_dist.models import build_model
+
+    info = meta.dataset_info
+    # The towers' weights are in model.pt: never re-read the original pretrained file.
+    model_cfg = replace(meta.config.model, pretrained=None)
+    return build_model(
+        model_cfg,
+        image_feature_dim=info.image_feature_dim,
+        text_feature_dim=info.text_feature_dim,
+        clip_architecture=meta.architecture or None,
+    )

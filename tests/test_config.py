@@ -1,0 +1,52 @@
+import pytest
+
+from dcgh_dist.config import Config, load_config, parse_overrides
+
+
+def test_defaults_are_the_authors_setting():
+    c = Config()
+    assert (c.optim.tower_lr, c.optim.head_lr, c.optim.weight_decay) == (1e-5, 1e-3, 0.2)
+    assert (c.optim.warmup_fraction, c.optim.schedule) == (0.1, "warmup_cosine")
+    assert (c.data.batch_size, c.model.context_length, c.model.bits) == (128, 32, 64)
+    assert (c.loss.pairwise_neg_weight, c.loss.pairwise_pos_weight, c.loss.variance_mode) == (0.8, 0.05, "reference")
+    assert (c.loss.proxy_lr, c.loss.proxy_momentum, c.loss.proxy_weight_decay) == (0.02, 0.9, 5e-4)
+
+
+def test_layers_yaml_then_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  bits: 32\noptim:\n  head_lr: 0.01\n")
+    c = load_config(y, ["optim.head_lr=3e-4", "loss.variance_mode=masked", "eval.precision_k=[1,5]"],
+                    preset={"model": {"bits": 16, "clip_preset": "tiny"}})
+    assert c.model.bits == 32  # YAML beats preset
+    assert c.model.clip_preset == "tiny"  # preset beats default
+    assert c.optim.head_lr == 3e-4  # override beats YAML
+    assert c.loss.variance_mode == "masked"
+    assert c.eval.precision_k == (1, 5)
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    c = load_config(overrides=["model.bits=128", "model.feature_hidden=[64,32]"])
+    assert Config.from_dict(c.to_dict()) == c
+    p = tmp_path / "x.yaml"
+    p.write_text(c.to_yaml())
+    assert load_config(p) == c
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.bitz=3", "unknown config key"),
+        ("model.bits=12", "model.bits must be one of"),
+        ("loss.variance_mode=median", "not one of"),
+        ("optim.head_lr=fast", "expected a number"),
+        ("train.epochs=0", "epochs"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_values_fail_loudly(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(overrides=[override])
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
