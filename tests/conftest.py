@@ -31,3 +31,54 @@ def demo_small(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("data")
     return ensure_demo_dataset(size=600, seed=0, data_root=str(root))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1, started for the session.
+
+    Yields ``(endpoint_url, make_bucket)``. Credentials are dummy values set in the environment,
+    which pyarrow, s3fs and boto3 (and Ray workers started afterwards) all read.
+    """
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        os.environ[k] = v
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+
+    def make_bucket(name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    try:
+        yield endpoint, make_bucket
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for all Ray tests of the session: 4 logical CPUs on loopback.
+
+    Jobs called through ``main([...])`` join it instead of starting their own (they only shut
+    down clusters they started). More logical CPUs than cores, so training workers cannot starve
+    the Ray Data tasks that feed them.
+    """
+    import ray
+
+    from dcgh_dist.config import Config
+    from dcgh_dist.train.runner import init_ray
+
+    cfg = Config()
+    started = init_ray(type(cfg)(train=type(cfg.train)(ray_num_cpus=4)))
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
