@@ -109,8 +109,21 @@ class TrainConfig:
     # cores keeps Ray Data from being starved by the training workers on small machines.
     ray_num_cpus: int | None = None
     output_dir: str = "runs/latest"
+    # Where Ray Train writes reported checkpoints: a local/shared path or s3:// URI.
+    # None = <output_dir>/ray_results.
+    storage_path: str | None = None
     log_every: int = 20
     select_on_val: bool = True
+    # "ddp": torch DistributedDataParallel; "deepspeed": deepspeed.initialize with a config
+    # generated from this one (ZeRO stage, precision, accumulation, clipping, schedule).
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 2  # deepspeed only: 0-3
+    grad_accum_steps: int = 1
+    # Also checkpoint every N optimizer steps inside an epoch (0 = at epoch ends only).
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2  # best-by-val ones; the latest is always kept as well
+    max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,12 @@ class Config:
             raise ValueError("train.epochs must be >= 1")
         if self.train.num_workers < 1:
             raise ValueError("train.num_workers must be >= 1")
+        if not 0 <= self.train.zero_stage <= 3:
+            raise ValueError("train.zero_stage must be 0..3")
+        if self.train.grad_accum_steps < 1:
+            raise ValueError("train.grad_accum_steps must be >= 1")
+        if self.train.engine == "ddp" and self.train.precision == "fp16":
+            raise ValueError("train.precision=fp16 needs train.engine=deepspeed (loss scaling); use bf16 with ddp")
         return self
 
 

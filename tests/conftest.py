@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dummy credentials before any Ray worker starts: workers inherit them, and the S3 tests talk
+# only to moto on 127.0.0.1.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DCGH_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -26,11 +31,11 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory) -> str:
-    """A small demo dataset (600 pairs) generated once per test session."""
+    """A small demo dataset (1,200 pairs: 600 train) generated once per test session."""
     from dcgh_dist.data.demo import ensure_demo_dataset
 
     root = tmp_path_factory.mktemp("data")
-    return ensure_demo_dataset(size=600, seed=0, data_root=str(root))
+    return ensure_demo_dataset(size=1200, seed=0, data_root=str(root))
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ class CheckpointMeta:
     dataset_info: DatasetInfo
     epoch: int = 0
     global_step: int = 0
+    step_in_epoch: int = 0  # micro-steps done in epoch ``epoch`` (0 = at an epoch boundary)
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: str = ""
@@ -47,6 +48,7 @@ class CheckpointMeta:
                 "dataset_info": json.loads(self.dataset_info.to_json()),
                 "epoch": self.epoch,
                 "global_step": self.global_step,
+                "step_in_epoch": self.step_in_epoch,
                 "metrics": self.metrics,
                 "history": self.history,
                 "fingerprint": self.fingerprint,
@@ -65,6 +67,7 @@ class CheckpointMeta:
             dataset_info=DatasetInfo.from_json(json.dumps(d["dataset_info"])),
             epoch=d.get("epoch", 0),
             global_step=d.get("global_step", 0),
+            step_in_epoch=d.get("step_in_epoch", 0),
             metrics=d.get("metrics", {}),
             history=d.get("history", []),
             fingerprint=d.get("fingerprint", ""),

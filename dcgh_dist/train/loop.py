@@ -1,16 +1,23 @@
 """``train_loop_per_worker``: what every Ray Train worker runs.
 
-The loop is the only place that knows about Ray Train; the model and the loss do not. Per step:
-forward both towers, gather codes and labels from all workers (``dcgh_dist.distributed``),
-compute the pure DCGH loss with global normalisation, backward, clip, step the model optimizer
-and the proxies' own SGD. Rank 0 evaluates on ``val`` (never ``query``) after each epoch and
-reports a checkpoint; Ray keeps the best by ``val_map``.
+The loop is the only place that knows about Ray Train; the model and the loss do not. Per
+micro-batch: forward both towers through the engine (DDP or DeepSpeed), gather codes and labels
+from all workers (``dcgh_dist.distributed``), compute the pure DCGH loss with global
+normalisation, backward, and at accumulation boundaries step the engine (clip, AdamW, schedule)
+and the proxies' own SGD. Rank 0 evaluates on ``val`` (never ``query``) after each epoch.
+
+Checkpoints are reported after every epoch and, with ``train.checkpoint_every_steps``, inside
+epochs too. They record the data position (epoch and micro-step within it); a resumed run
+(``--resume`` or a Ray Train restart after a worker died) continues from there, so the number of
+steps, the schedule and the epoch count are exactly those of an uninterrupted run. Inside the
+interrupted epoch the remaining steps draw from a fresh shuffle of that epoch's data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from typing import Any
@@ -30,26 +37,26 @@ from dcgh_dist.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from dcgh_dist.train.optim import build_optimizer, build_scheduler
+from dcgh_dist.train.engine import build_engine
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 @torch.no_grad()
 def encode_batches(model, batches, device) -> dict[str, np.ndarray]:
     """Relaxed codes + labels of every batch (eval mode), concatenated."""
+    was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     out: dict[str, list] = {"image_codes": [], "text_codes": [], "labels": []}
     for b in batches:
-        b = {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)}
+        b = {k: (v.to(device, dtype) if v.is_floating_point() and k != "labels" else v.to(device))
+             for k, v in b.items() if isinstance(v, torch.Tensor)}
         codes = model(b)
         out["image_codes"].append(codes["image_codes"].float().cpu().numpy())
         out["text_codes"].append(codes["text_codes"].float().cpu().numpy())
-        out["labels"].append(b["labels"].cpu().numpy())
+        out["labels"].append(b["labels"].float().cpu().numpy())
+    model.train(was_training)
     return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
 
 
@@ -64,17 +71,28 @@ def validation_metrics(codes: dict[str, np.ndarray]) -> dict[str, float]:
     return {"val_map_i2t": i2t, "val_map_t2i": t2i, "val_map": (i2t + t2i) / 2}
 
 
+def _setup_logging() -> None:
+    pkg = logging.getLogger("dcgh_dist")
+    pkg.setLevel(logging.INFO)
+    if not pkg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        pkg.addHandler(handler)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _setup_logging()
     cfg = Config.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["dataset_info"])
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    steps_per_epoch: int = loop_config["steps_per_epoch"]  # micro-batches per worker per epoch
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    total_steps = steps_per_epoch * cfg.train.epochs
+    accum = cfg.train.grad_accum_steps
+    total_opt_steps = (steps_per_epoch // accum) * cfg.train.epochs
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker, and for the untrained baseline
     model = build_model(
@@ -82,96 +100,112 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     arch = architecture_of(model)
     proxies = ClassProxies(info.num_classes, cfg.model.bits, cfg.loss.proxy_seed)
-    optimizer = build_optimizer(model, cfg.optim, world)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     proxy_opt = proxies.make_optimizer(cfg.loss)
 
-    start_epoch, global_step, history = 0, 0, []
+    start_epoch, start_micro, global_step, history, resume_dir = 0, 0, 0, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        with ckpt.as_directory() as d:
-            meta = read_meta(d)
-            model.load_state_dict(load_state(d, "model.pt"))
-            proxies.load_state_dict(load_state(d, "proxies.pt"))
-            ts = load_state(d, "train_state.pt")
-            optimizer.load_state_dict(ts["optimizer"])
-            scheduler.load_state_dict(ts["scheduler"])
-            proxy_opt.load_state_dict(ts["proxy_optimizer"])
-            start_epoch, global_step, history = meta.epoch, meta.global_step, meta.history
+        resume_dir = ckpt.to_directory()  # a local copy every rank can read
+        meta = read_meta(resume_dir)
+        model.load_state_dict(load_state(resume_dir, "model.pt"))
+        proxies.load_state_dict(load_state(resume_dir, "proxies.pt"))
+        start_epoch, start_micro = meta.epoch, meta.step_in_epoch
+        global_step, history = meta.global_step, meta.history
         if rank == 0:
-            logger.info("resumed from epoch %d, step %d", start_epoch, global_step)
+            logger.info("resuming at epoch %d, micro-step %d (optimizer step %d)",
+                        start_epoch + 1, start_micro, global_step)
 
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
+    engine = build_engine(model, cfg, total_opt_steps, world)
     proxies.to(device)
+    if resume_dir:
+        ts = load_state(resume_dir, "train_state.pt")
+        engine.load(resume_dir, ts.get("engine"))
+        proxy_opt.load_state_dict(ts["proxy_optimizer"])
+
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and loop_config.get("has_val") else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # A small val set is kept in memory after its first pass instead of re-running its pipeline
+    # every epoch (seconds of start-up each time); a large one streams.
+    cache_val = loop_config.get("val_rows", 0) <= 4096
+    val_cache: list | None = None
+
+    def report(epoch: int, micro: int, metrics: dict[str, Any]) -> None:
+        """Every rank takes part (DeepSpeed saves partitions; ZeRO-3 export gathers)."""
+        weights = engine.export_state_dict()
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_engine_state(d)
+            if rank == 0:
+                meta = CheckpointMeta(cfg, info, epoch=epoch, global_step=global_step,
+                                      step_in_epoch=micro, metrics=metrics, history=list(history),
+                                      architecture=arch)
+                save_checkpoint(
+                    d, weights, {k: v.cpu() for k, v in proxies.state_dict().items()}, meta,
+                    {"engine": engine.state_for_checkpoint(), "proxy_optimizer": proxy_opt.state_dict()},
+                )
+            has_files = rank == 0 or cfg.train.engine == "deepspeed"
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        t0, n_pairs, sums, n_steps = time.perf_counter(), 0, {}, 0
+        engine.module.train()
+        first = start_micro if epoch == start_epoch else 0
+        t0, n_pairs, sums, n_micro = time.perf_counter(), 0, {}, 0
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.data.batch_size,
             drop_last=True,  # equal batches on every worker keep the collectives in lock-step
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch + rank * 7919 if cfg.data.shuffle_buffer else None,
         )
-        for step_in_epoch, batch in enumerate(batches):
-            if step_in_epoch >= steps_per_epoch:
-                break  # uneven shards: every worker runs exactly steps_per_epoch steps
+        micro = first
+        for batch in batches:
+            if micro >= steps_per_epoch:
+                break  # uneven shards: every worker runs exactly steps_per_epoch micro-steps
             batch = {k: v.to(device) for k, v in batch.items()}
-            codes = model(batch)
-            img, txt, labels = codes["image_codes"], codes["text_codes"], batch["labels"]
-            loss, logged = distributed_dcgh_loss(img, txt, labels, proxies(), cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            proxy_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(proxies.parameters())
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            proxy_opt.step()
-            global_step += 1
-            n_steps += 1
-            n_pairs += img.shape[0] * world
+            codes = engine.forward(batch)
+            loss, logged = distributed_dcgh_loss(
+                codes["image_codes"], codes["text_codes"], batch["labels"], proxies(), cfg.loss
+            )
+            engine.backward(loss)
+            micro += 1
+            n_micro += 1
+            n_pairs += batch["labels"].shape[0] * world
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if rank == 0 and (global_step % cfg.train.log_every == 0 or step_in_epoch == 0):
-                elapsed = time.perf_counter() - t0
-                logger.info(
-                    "epoch %d/%d step %d/%d loss %.4f (proxy %.4f pos %.4f neg %.4f var %.4f) %.1f pairs/s",
-                    epoch + 1, cfg.train.epochs, step_in_epoch + 1, steps_per_epoch, logged["total"],
-                    logged["proxy"], logged["pairwise_pos"], logged["pairwise_neg"], logged["variance"],
-                    n_pairs / max(elapsed, 1e-9),
-                )
+            if engine.step():  # an optimizer step happened: the proxies step with it
+                scale = engine.grad_scale()  # fp16 loss scaling reached the proxies too
+                if scale != 1.0:
+                    for p in proxies.parameters():
+                        if p.grad is not None:
+                            p.grad.div_(scale)
+                all_reduce_grads(proxies.parameters())
+                proxy_opt.step()
+                proxy_opt.zero_grad(set_to_none=True)
+                global_step += 1
+                if rank == 0 and (global_step % cfg.train.log_every == 0 or micro == first + accum):
+                    logger.info(
+                        "epoch %d/%d step %d/%d loss %.4f (proxy %.4f pos %.4f neg %.4f var %.4f) lr %.2e %.1f pairs/s",
+                        epoch + 1, cfg.train.epochs, micro, steps_per_epoch, logged["total"],
+                        logged["proxy"], logged["pairwise_pos"], logged["pairwise_neg"],
+                        logged["variance"], engine.lr(), n_pairs / max(time.perf_counter() - t0, 1e-9),
+                    )
+                every = cfg.train.checkpoint_every_steps
+                if every and global_step % every == 0 and micro < steps_per_epoch:
+                    # val_map NaN: Ray keeps it while it is the latest, never ranks it "best"
+                    report(epoch, micro, {"epoch": epoch, "global_step": global_step, "val_map": math.nan})
         elapsed = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "global_step": global_step,
             "pairs_per_s": n_pairs / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
-            "lr_heads": scheduler.get_last_lr()[-1],
-            **{f"loss_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+            "lr_heads": engine.lr(),
+            **{f"loss_{k}": v / max(n_micro, 1) for k, v in sums.items()},
         }
+        if rank == 0 and val_shard is not None:
+            val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
+            if cache_val and val_cache is None:
+                val_batches = val_cache = list(val_batches)
+            metrics.update(validation_metrics(encode_batches(engine.module, val_batches, device)))
         if rank == 0:
-            if val_shard is not None:
-                metrics.update(validation_metrics(
-                    encode_batches(_unwrap(model), val_shard.iter_torch_batches(batch_size=256), device)
-                ))
             history.append(metrics)
-            logger.info("epoch %d done: %s", epoch + 1, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-            with tempfile.TemporaryDirectory() as d:
-                meta = CheckpointMeta(cfg, info, epoch + 1, global_step, metrics, history, architecture=arch)
-                save_checkpoint(
-                    d,
-                    {k: v.cpu() for k, v in _unwrap(model).state_dict().items()},
-                    {k: v.cpu() for k, v in proxies.state_dict().items()},
-                    meta,
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "proxy_optimizer": proxy_opt.state_dict()},
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-
+            logger.info("epoch %d done: %s", epoch + 1, json.dumps(
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        report(epoch + 1, 0, metrics)

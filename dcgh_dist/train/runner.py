@@ -131,25 +131,29 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
 
     output_dir = os.path.abspath(cfg.train.output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    storage = os.path.join(output_dir, "ray_results")
+    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
     name = "train"
+    run_dir = f"{storage.rstrip('/')}/{name}"
     run_config = ray.train.RunConfig(
         name=name,
         storage_path=storage,
+        storage_filesystem=_storage_filesystem(storage, cfg),
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=2,
-            checkpoint_score_attribute="val_map" if has_val else "epoch",
+            num_to_keep=cfg.train.keep_checkpoints,
+            checkpoint_score_attribute="val_map" if has_val else "global_step",
             checkpoint_score_order="max",
         ),
-        failure_config=ray.train.FailureConfig(max_failures=0),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     resume_ckpt = None
     if resume:
-        resume_ckpt = latest_checkpoint(os.path.join(storage, name))
+        resume_ckpt = latest_checkpoint(run_dir, cfg)
         if resume_ckpt is None:
-            logger.warning("--resume: no checkpoint under %s; starting fresh", storage)
-    elif os.path.isdir(os.path.join(storage, name)):
-        shutil.rmtree(os.path.join(storage, name))  # a fresh run must not pick up old checkpoints
+            logger.warning("--resume: no checkpoint under %s; starting fresh", run_dir)
+        else:
+            logger.info("--resume: continuing from %s", resume_ckpt.path)
+    else:
+        _clear_run_dir(run_dir, cfg)  # a fresh run must not pick up an old run's checkpoints
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -158,6 +162,7 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
             "dataset_info": info.to_json(),
             "steps_per_epoch": spe,
             "has_val": has_val,
+            "val_rows": scan.split_counts["val"],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -174,39 +179,78 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
 
-    best = result.get_best_checkpoint(metric="val_map", mode="max") if has_val else None
-    chosen = best or result.checkpoint
-    if chosen is None:
-        raise RuntimeError("training finished without a checkpoint")
+    chosen = _select_checkpoint(result, has_val)
     dest = os.path.join(output_dir, "checkpoint")
     if os.path.isdir(dest):
         shutil.rmtree(dest)
     with chosen.as_directory() as d:
-        shutil.copytree(d, dest, ignore=shutil.ignore_patterns("train_state.pt"))
+        # The exported checkpoint is what evaluation, encoding and serving need: weights,
+        # proxies, meta. Optimizer and DeepSpeed state stay in the run directory.
+        shutil.copytree(d, dest, ignore=shutil.ignore_patterns("train_state.pt", "deepspeed"))
     from dcgh_dist.train.checkpoint import read_meta
 
     meta = read_meta(dest)
-    last = result.checkpoint
     history = meta.history
-    if last is not None:
-        with last.as_directory() as d:
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
             history = read_meta(d).history
     return TrainOutcome(dest, history, meta.epoch, uri, scan)
 
 
-def latest_checkpoint(run_dir: str):
-    """The newest checkpoint of an earlier run in ``run_dir`` (by epoch/step in meta.json)."""
+def _select_checkpoint(result, has_val: bool):
+    """Best end-of-epoch checkpoint by val mAP (mid-epoch ones carry NaN), else the latest."""
+    import math
+
+    if has_val:
+        scored = [(m.get("val_map"), c) for c, m in (result.best_checkpoints or [])]
+        scored = [(v, c) for v, c in scored if isinstance(v, (int, float)) and not math.isnan(v)]
+        if scored:
+            return max(scored, key=lambda vc: vc[0])[1]
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result.checkpoint
+
+
+def _storage_filesystem(storage: str, cfg: Config):
+    """pyarrow filesystem for an s3:// storage path (honours data.s3_endpoint), else None."""
+    if storage.startswith("s3://"):
+        from dcgh_dist.data.format import resolve_filesystem
+
+        return resolve_filesystem(storage, cfg.data.s3_endpoint)[0]
+    return None
+
+
+def _storage_path(uri: str) -> str:
+    return uri[len("s3://"):] if uri.startswith("s3://") else uri
+
+
+def _clear_run_dir(run_dir: str, cfg: Config) -> None:
+    import pyarrow.fs as pafs
+
+    fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
+    path = _storage_path(run_dir)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def latest_checkpoint(run_dir: str, cfg: Config):
+    """The newest checkpoint (by optimizer step) of an earlier run under ``run_dir``."""
+    import pyarrow.fs as pafs
     import ray.train
 
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.train.checkpoint import CheckpointMeta
 
-    if not os.path.isdir(run_dir):
+    fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
+    base = _storage_path(run_dir)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
         return None
     found = []
-    for root, _dirs, files in os.walk(run_dir):
-        if "meta.json" in files and "train_state.pt" in files:
-            meta = read_meta(root)
-            found.append((meta.global_step, root))
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+        meta_path = f"{entry.path}/meta.json"
+        if entry.type == pafs.FileType.Directory and fs.get_file_info(meta_path).type == pafs.FileType.File:
+            with fs.open_input_stream(meta_path) as f:
+                meta = CheckpointMeta.from_json(f.read().decode(), where=meta_path)
+            found.append(((meta.epoch, meta.step_in_epoch, meta.global_step), entry.path))
     if not found:
         return None
-    return ray.train.Checkpoint.from_directory(max(found)[1])
+    return ray.train.Checkpoint(path=max(found)[1], filesystem=fs)
