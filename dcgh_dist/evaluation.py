@@ -25,6 +25,8 @@ def encode_splits(
     uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None
 ) -> dict[str, np.ndarray]:
     """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool."""
+    import ray.data
+
     from dcgh_dist.data.pipeline import read_split
     from dcgh_dist.inference import HashEncoder
 
@@ -34,7 +36,7 @@ def encode_splits(
         fn_constructor_args=(checkpoint_dir, cfg.to_dict(), info.to_json()),
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
     parts: dict[str, list[np.ndarray]] = {}

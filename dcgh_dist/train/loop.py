@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     proxy_opt = proxies.make_optimizer(cfg.loss)
 
     start_epoch, start_micro, global_step, history, resume_dir = 0, 0, 0, [], None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or loop_config.get("resume_checkpoint")
     if ckpt:
         resume_dir = ckpt.to_directory()  # a local copy every rank can read
         meta = read_meta(resume_dir)

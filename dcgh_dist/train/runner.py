@@ -136,7 +136,8 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
     run_dir = f"{storage.rstrip('/')}/{name}"
     run_config = ray.train.RunConfig(
         name=name,
-        storage_path=storage,
+        # with an explicit filesystem Ray wants the bare "bucket/prefix" path, not the URI
+        storage_path=_storage_path(storage),
         storage_filesystem=_storage_filesystem(storage, cfg),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
@@ -163,6 +164,9 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
             "steps_per_epoch": spe,
             "has_val": has_val,
             "val_rows": scan.split_counts["val"],
+            # Ray Train v2 restores the latest checkpoint of a run directory it finds by itself;
+            # this is the fallback for a directory without its snapshot (e.g. copied elsewhere).
+            "resume_checkpoint": resume_ckpt,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -173,7 +177,6 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
         run_config=run_config,
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=resume_ckpt,
     )
     result = trainer.fit()
     if result.error:
