@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     # Before ray is imported: a local cluster then binds to loopback only.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # torch's native libraries first: loaded after pyarrow's and Ray's (as in a `ray job submit`
+    # driver) they can fail with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
+    import torch  # noqa: F401
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = build_config(args)

@@ -36,7 +36,9 @@ def init_ray(cfg: Config) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # Joining a cluster (e.g. inside `ray job submit`): the job's runtime env applies, and
+        # passing another here conflicts with it. Set env vars with --runtime-env-json.
+        ray.init(address=address, log_to_driver=True)
         return False
     num_cpus = cfg.train.ray_num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
