@@ -1,7 +1,15 @@
-"""Named datasets: where prepared benchmark datasets live, and training defaults per dataset.
+"""Named datasets: where prepared benchmark datasets live, their protocol, and training defaults.
 
 ``--dataset coco`` resolves to ``<data root>/coco`` where the data root is ``data.data_root``,
-else ``$DCGH_DATA_ROOT``, else ``~/.cache/dcgh_dist``. The demo is generated on first use.
+else ``$DCGH_DATA_ROOT``, else ``~/.cache/dcgh_dist`` (a local directory or an ``s3://`` prefix).
+``jobs/prepare_data.py --dataset coco --input RAW`` writes there by default, so the two commands
+chain. The demo is generated on first use.
+
+Split sizes are the paper's (DCGH, following DCMH): MIRFLICKR-25K 2,000 queries / 10,000 training
+pairs, NUS-WIDE 2,100 / 10,500, MS-COCO 5,000 / 10,000, the rest the ``db`` split. ``val`` (model
+selection: the best epoch is picked on val, never on the queries) is carved from the non-query
+rows, half the size of the query split; it is part of the retrieval database like ``train``, so
+the paper's query set, training set and database are unchanged.
 """
 
 from __future__ import annotations
@@ -17,13 +25,20 @@ class DatasetPreset:
     num_classes: int
     query: int  # query split size of the paper's protocol
     train: int  # training split size
+    val: int = 0  # validation rows carved from the non-query rows (not in the paper)
+    source: str = ""  # raw layout family read by jobs/prepare_data.py: mirflickr | nuswide | coco
+    top_k: int | None = None  # NUS-WIDE: the k most frequent concepts are the classes
+    title: str = ""
 
 
 DATASET_PRESETS: dict[str, DatasetPreset] = {
-    "mirflickr25k": DatasetPreset("mirflickr25k", 24, 2000, 10000),
-    "nuswide": DatasetPreset("nuswide", 21, 2100, 10500),
-    "nuswide-top10": DatasetPreset("nuswide-top10", 10, 2100, 10500),
-    "coco": DatasetPreset("coco", 80, 5000, 10000),
+    "mirflickr25k": DatasetPreset("mirflickr25k", 24, 2000, 10000, val=1000, source="mirflickr",
+                                  title="MIRFLICKR-25K"),
+    "nuswide": DatasetPreset("nuswide", 21, 2100, 10500, val=1050, source="nuswide", top_k=21,
+                             title="NUS-WIDE (top 21 concepts)"),
+    "nuswide-top10": DatasetPreset("nuswide-top10", 10, 2100, 10500, val=1050, source="nuswide", top_k=10,
+                                   title="NUS-WIDE (top 10 concepts)"),
+    "coco": DatasetPreset("coco", 80, 5000, 10000, val=2500, source="coco", title="MS-COCO 2017"),
 }
 
 # Config overrides applied before the user's YAML and command line (which win).
@@ -36,18 +51,47 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"batch_size": 64},
         "train": {"epochs": 8, "output_dir": "runs/demo"},
     },
+    # The benchmark datasets train with the authors' defaults (config.py); only the run
+    # directory is per dataset, so runs on different datasets do not overwrite each other.
+    **{name: {"train": {"output_dir": f"runs/{name}"}} for name in DATASET_PRESETS},
 }
 
 
-def preset_path(name: str, data_root: str | None = None) -> str:
+def preset_output_path(name: str, data_root: str | None = None) -> str:
+    """Where the prepared dataset of preset ``name`` lives (whether or not it exists yet)."""
     from dcgh_dist.data.demo import default_data_root
 
+    if name not in DATASET_PRESETS:
+        raise ValueError(f"unknown dataset preset {name!r}; known: {sorted(DATASET_PRESETS)}")
     root = default_data_root(data_root)
-    p = DATASET_PRESETS[name]
-    uri = f"{root.rstrip('/')}/{p.dirname}"
-    if not uri.startswith("s3://") and not os.path.isdir(uri):
+    return f"{root.rstrip('/')}/{DATASET_PRESETS[name].dirname}"
+
+
+def preset_path(name: str, data_root: str | None = None) -> str:
+    """The prepared dataset of preset ``name``; FileNotFoundError (with the command) if absent.
+
+    A local directory must hold a ``dataset.json`` (written last by jobs/prepare_data.py, so its
+    absence means preparation did not finish) with the preset's number of classes. S3 prefixes are
+    checked when the dataset is scanned, where the endpoint is known.
+    """
+    uri = preset_output_path(name, data_root)
+    if uri.startswith("s3://"):
+        return uri
+    info_path = os.path.join(uri, "dataset.json")
+    if not os.path.isfile(info_path):
+        state = "holds no dataset.json (preparation unfinished?)" if os.path.isdir(uri) else "does not exist"
         raise FileNotFoundError(
-            f"dataset preset {name!r} expects a prepared dataset at {uri}; prepare it with "
-            f"jobs/prepare_data.py or set DCGH_DATA_ROOT / data.data_root"
+            f"dataset preset {name!r} expects a prepared dataset at {uri}, which {state}; prepare it with "
+            f"`python jobs/prepare_data.py --dataset {name} --input RAW_ROOT` (writes there by default), "
+            "or set DCGH_DATA_ROOT / data.data_root to where it is"
+        )
+    from dcgh_dist.data.format import read_dataset_info
+
+    info = read_dataset_info(uri)
+    expected = DATASET_PRESETS[name].num_classes
+    if info.num_classes != expected:
+        raise ValueError(
+            f"{uri} holds a dataset with {info.num_classes} classes but preset {name!r} has {expected}; "
+            f"re-run `python jobs/prepare_data.py --dataset {name} --input RAW_ROOT --overwrite`"
         )
     return uri

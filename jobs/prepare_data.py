@@ -1,0 +1,140 @@
+"""Prepare a benchmark dataset (MIRFLICKR-25K, NUS-WIDE, MS-COCO) in the dcgh-dist format.
+
+    python jobs/prepare_data.py --dataset mirflickr25k --input /raw/mirflickr25k
+    python jobs/prepare_data.py --dataset coco --input s3://raw/coco2017 --output s3://data/coco --max-side 512
+    python jobs/prepare_data.py --dataset nuswide-top10 --input /raw/NUS-WIDE --query 2100 --train 10500 --seed 1
+    python jobs/prepare_data.py --dataset coco --input /raw/coco_lists --layout list --image-root /raw/coco2014
+
+The input layout is detected from the files under --input (raw distribution, or the
+all_imgs.txt / all_tags.txt / all_labels.txt list layout); --layout forces one. The output
+defaults to the preset's place under the data root ($DCGH_DATA_ROOT, else ~/.cache/dcgh_dist),
+which is where `jobs/train.py --dataset NAME` looks. Writes Parquet shards, prepare_report.json
+(everything skipped, by reason) and, last, dataset.json with the shard manifest. See
+docs/PREPARE_DATA.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+logger = logging.getLogger("dcgh_dist.jobs.prepare_data")
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"256MB"`` -> bytes. Units are powers of 1024 (256MB = 256 x 2^20); no unit = bytes."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB, 1GB, 1048576)")
+    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.data.presets import DATASET_PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True,
+                   help=f"a preset ({', '.join(DATASET_PRESETS)}), or any name with --layout list")
+    p.add_argument("--input", required=True, help="the raw tree: a directory or s3:// prefix")
+    p.add_argument("--output", help="directory or s3:// prefix (default: the preset's path under the data root)")
+    p.add_argument("--data-root", help="data root for the default --output (default: $DCGH_DATA_ROOT, else ~/.cache/dcgh_dist)")
+    p.add_argument("--layout", default="auto", choices=("auto", "raw", "list"),
+                   help="input layout (default: detected from the files)")
+    p.add_argument("--image-root", help="where image paths are relative to (list layout, NUS-WIDE); default: detected")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--query", type=int, help="query split size (default: the paper's)")
+    p.add_argument("--val", type=int, help="val split size, carved from the non-query rows (default: half the query size)")
+    p.add_argument("--train", type=int, help="training split size (default: the paper's)")
+    p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)")
+    p.add_argument("--max-side", type=int, help="shrink larger images to fit this many pixels and re-encode as JPEG (default: keep the original bytes)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--workers", type=int, help="image worker processes (default: cores - 1, at least 1; 0 = in this process)")
+    p.add_argument("--chunk-size", type=int, default=32, help="images per worker task (default 32)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// input and output (MinIO, moto, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared at --output")
+    p.add_argument("--max-image-errors", type=float, default=0.05,
+                   help="stop when more than this fraction of the images is missing or undecodable (default 0.05)")
+    p.add_argument("--coco-captions", default="first", choices=("first", "join", "all"),
+                   help="COCO text: the first caption, all joined, or one row per caption (default first)")
+    p.add_argument("--nus-text", default="auto", choices=("auto", "alltags", "tags1k"),
+                   help="NUS-WIDE text: All_Tags.txt, or the 1k-tag vocabulary (default: All_Tags.txt if present)")
+    p.add_argument("--top-k", type=int, help="NUS-WIDE: keep the k most frequent concepts (default: 21, or 10 for nuswide-top10)")
+    p.add_argument("--min-tag-images", type=int, default=20,
+                   help="MIRFLICKR: the tag vocabulary is the tags of at least this many images (default 20)")
+    p.add_argument("--class-names", help="list layout: a file of class names, one a line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def build_options(args: argparse.Namespace):
+    from dcgh_dist.data.prepare import PrepareOptions
+    from dcgh_dist.data.presets import DATASET_PRESETS, preset_output_path
+
+    output = args.output
+    if output is None:
+        if args.dataset not in DATASET_PRESETS:
+            raise ValueError(f"--output is required for a dataset that is not a preset ({args.dataset!r})")
+        output = preset_output_path(args.dataset, args.data_root)
+    return PrepareOptions(
+        dataset=args.dataset, input=args.input, output=output, layout=args.layout, seed=args.seed,
+        query=args.query, val=args.val, train=args.train, shard_bytes=args.shard_size,
+        max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
+        chunk_size=args.chunk_size, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
+        max_image_errors=args.max_image_errors, image_root=args.image_root,
+        coco_captions=args.coco_captions, nus_text=args.nus_text, top_k=args.top_k,
+        min_tag_images=args.min_tag_images, class_names_file=args.class_names,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Prepare the dataset; returns the summary (also in <output>/prepare_report.json)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dcgh_dist.data.prepare import PrepareError, prepare_dataset
+
+    opts = build_options(args)
+    try:
+        result = prepare_dataset(opts)
+    except PrepareError as e:
+        if e.report is not None:
+            print(e.report.summary(), flush=True)
+        raise
+    s = result.summary
+    mb = result.output_bytes / 1e6
+    print(
+        f"prepared {opts.dataset} at {opts.output}: {result.rows} rows ({s['items_written']} items) in "
+        f"{len(result.shards)} shard(s), {mb:.1f} MB, {result.seconds:.1f} s "
+        f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {mb / max(result.seconds, 1e-9):.1f} MB/s written)",
+        flush=True,
+    )
+    print("split rows: " + ", ".join(f"{k} {v}" for k, v in s["split_rows"].items()), flush=True)
+    print(result.report.summary(), flush=True)
+    print(f"report: {result.report_path}", flush=True)
+    return {
+        **s,
+        "shards": len(result.shards),
+        "bytes": result.output_bytes,
+        "input_image_bytes": result.input_image_bytes,
+        "seconds": result.seconds,
+        "report_path": result.report_path,
+    }
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
+        logging.getLogger("dcgh_dist.jobs.prepare_data").error("%s", exc)
+        sys.exit(2)
