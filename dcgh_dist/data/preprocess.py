@@ -72,6 +72,15 @@ class BatchPreprocessor:
     ``image`` (float32 (N, 3, S, S)) / ``text`` (int64 token ids (N, L)) or ``image_features`` /
     ``text_features`` (float32). A ``path`` column (Ray Data ``include_paths=True``) is used to say
     which file a bad row came from.
+
+    ``on_error``: ``"raise"`` (default, training) stops at the first bad payload with a
+    ``DatasetError``. ``"skip"`` (encoding) keeps every row in the batch and adds, per modality, an
+    ``image_error`` / ``text_error`` column of strings: ``""`` for a good row, else the message
+    saying where and why (undecodable or empty image, empty text, features of the wrong length).
+    A bad row's model input is zero-filled and must not be encoded; the consumer counts and
+    reports it, so no row ever disappears silently. Label errors always raise (the dataset itself
+    is malformed). ``with_labels=False`` skips the ``labels`` column (plain Parquet inputs to
+    encoding have none).
     """
 
     def __init__(
@@ -83,7 +92,13 @@ class BatchPreprocessor:
         augment: bool = False,
         tokenizer_dir: str | None = None,
         modalities: tuple[str, ...] = ("image", "text"),
+        on_error: str = "raise",
+        with_labels: bool = True,
     ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.with_labels = with_labels
         self.info = info
         self.image_size = image_size
         self.context_length = context_length
@@ -108,53 +123,98 @@ class BatchPreprocessor:
         ids = np.asarray(batch["id"], dtype=np.int64)
         paths = batch.get("path")
         n = len(ids)
+        skip = self.on_error == "skip"
 
         def where(i: int) -> str:
             file = str(paths[i]) if paths is not None else "batch"
             return f"{file}: row id {ids[i]}"
 
         out: dict[str, np.ndarray] = {"id": ids}
-        labels = np.zeros((n, self.info.num_classes), dtype=np.float32)
-        for i, row in enumerate(batch["labels"]):
-            row = np.asarray(row, dtype=np.int64)
-            if row.size == 0:
-                raise DatasetError(f"{where(i)}: column 'labels' is empty")
-            if row.min() < 0 or row.max() >= self.info.num_classes:
-                raise DatasetError(
-                    f"{where(i)}: column 'labels' has {row.tolist()}, outside 0..{self.info.num_classes - 1}"
-                )
-            labels[i, row] = 1.0
-        out["labels"] = labels
+        if self.with_labels:
+            labels = np.zeros((n, self.info.num_classes), dtype=np.float32)
+            for i, row in enumerate(batch["labels"]):
+                row = np.asarray(row, dtype=np.int64)
+                if row.size == 0:
+                    raise DatasetError(f"{where(i)}: column 'labels' is empty")
+                if row.min() < 0 or row.max() >= self.info.num_classes:
+                    raise DatasetError(
+                        f"{where(i)}: column 'labels' has {row.tolist()}, outside 0..{self.info.num_classes - 1}"
+                    )
+                labels[i, row] = 1.0
+            out["labels"] = labels
 
         if "image" in self.modalities:
             col = self.info.image_column
+            errors = [""] * n
             if col == "image":
                 rng = np.random.default_rng() if self.augment else None
-                imgs = np.empty((n, 3, self.image_size, self.image_size), dtype=np.float32)
+                imgs = np.zeros((n, 3, self.image_size, self.image_size), dtype=np.float32)
                 for i, data in enumerate(batch["image"]):
-                    img = decode_image(data, where(i))
+                    try:
+                        img = decode_image(data, where(i))
+                    except DatasetError as e:
+                        if not skip:
+                            raise
+                        errors[i] = str(e)
+                        continue
                     imgs[i] = image_to_array(img, self.image_size, augment=self.augment, rng=rng)
                 out["image"] = imgs
             else:
-                out["image_features"] = _stack_features(batch[col], col, where)
+                out["image_features"] = _stack_features(
+                    batch[col], col, where, errors if skip else None, self.info.image_feature_dim
+                )
+            if skip:
+                out["image_error"] = np.array(errors, dtype=object)
 
         if "text" in self.modalities:
             col = self.info.text_column
+            errors = [""] * n
             if col == "text":
                 texts = [("" if t is None else str(t)) for t in batch["text"]]
                 for i, t in enumerate(texts):
                     if not t.strip():
-                        raise DatasetError(f"{where(i)}: column 'text' is empty")
-                out["text"] = self._tokenize(texts)
+                        if not skip:
+                            raise DatasetError(f"{where(i)}: column 'text' is empty")
+                        errors[i] = f"{where(i)}: column 'text' is empty"
+                good = [i for i in range(n) if not errors[i]]
+                tokens = self._tokenize([texts[i] for i in good]) if good else None
+                if tokens is not None and len(good) == n:
+                    out["text"] = tokens
+                else:
+                    full = np.zeros((n, self.context_length), dtype=np.int64)
+                    if tokens is not None:
+                        full[good] = tokens
+                    out["text"] = full
             else:
-                out["text_features"] = _stack_features(batch[col], col, where)
+                out["text_features"] = _stack_features(
+                    batch[col], col, where, errors if skip else None, self.info.text_feature_dim
+                )
+            if skip:
+                out["text_error"] = np.array(errors, dtype=object)
         return out
 
 
-def _stack_features(values, col: str, where) -> np.ndarray:
-    try:
-        return np.stack([np.asarray(v, dtype=np.float32) for v in values])
-    except ValueError as e:
-        lens = [len(v) if v is not None else -1 for v in values]
-        bad = next(i for i, L in enumerate(lens) if L != lens[0])
-        raise DatasetError(f"{where(bad)}: column {col!r} has ragged length {lens[bad]} vs {lens[0]}") from e
+def _stack_features(values, col: str, where, errors: list[str] | None = None, dim: int | None = None) -> np.ndarray:
+    """Feature lists -> float32 (N, D). ``errors`` given (skip mode): rows that are null or of
+    the wrong length get a message there and a zero vector, instead of raising."""
+    if errors is None:
+        try:
+            return np.stack([np.asarray(v, dtype=np.float32) for v in values])
+        except ValueError as e:
+            lens = [len(v) if v is not None else -1 for v in values]
+            bad = next(i for i, L in enumerate(lens) if L != lens[0])
+            raise DatasetError(f"{where(bad)}: column {col!r} has ragged length {lens[bad]} vs {lens[0]}") from e
+    lens = [len(v) if v is not None else -1 for v in values]
+    if dim is None:
+        valid = [L for L in lens if L > 0]
+        dim = max(set(valid), key=valid.count) if valid else 0
+    out = np.zeros((len(lens), dim), dtype=np.float32)
+    for i, (v, L) in enumerate(zip(values, lens)):
+        if L != dim:
+            errors[i] = f"{where(i)}: column {col!r} has length {L}, expected {dim}"
+            continue
+        out[i] = np.asarray(v, dtype=np.float32)
+        if not np.isfinite(out[i]).all():
+            errors[i] = f"{where(i)}: column {col!r} has NaN or infinite values"
+            out[i] = 0.0
+    return out

@@ -1,0 +1,31 @@
+"""Binary codes -> sharded FAISS indexes -> exact sharded search.
+
+The bit convention lives in :mod:`dcgh_dist.index.codes`; the manifest format in
+:mod:`dcgh_dist.index.manifest`; building in :mod:`dcgh_dist.index.build`; searching in
+:mod:`dcgh_dist.index.search`; ranking metrics over an index in :mod:`dcgh_dist.index.evaluate`.
+See docs/INDEX.md.
+"""
+
+from dcgh_dist.index.codes import (
+    BIT_ORDER,
+    as_packed,
+    hamming_distances,
+    pack_codes,
+    unpack_codes,
+)
+from dcgh_dist.index.manifest import IndexConfig, IndexManifest, ManifestError, read_manifest
+from dcgh_dist.index.search import ShardedIndex, brute_force_search
+
+__all__ = [
+    "BIT_ORDER",
+    "IndexConfig",
+    "IndexManifest",
+    "ManifestError",
+    "ShardedIndex",
+    "as_packed",
+    "brute_force_search",
+    "hamming_distances",
+    "pack_codes",
+    "read_manifest",
+    "unpack_codes",
+]

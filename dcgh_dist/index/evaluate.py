@@ -1,0 +1,211 @@
+"""Ranking metrics over a sharded index: mAP@k, NDCG@k and precision@k without a Q x N matrix.
+
+The foundation's :mod:`dcgh_dist.metrics` ranks the whole database for every query (chunked, but
+still Q x N distances); here each query retrieves only its top k from a :class:`ShardedIndex`, and
+labels are looked up for those k ids. Memory is O(N x classes/8) for the database labels plus
+O(batch x k), so it works at database sizes where whole-database mAP would not fit.
+
+Same numbers as :mod:`dcgh_dist.metrics` (tested): there, ties in Hamming distance are broken by
+database order, and :func:`dcgh_dist.evaluation.encode_splits` puts the database in id order; here
+:meth:`ShardedIndex.search_stable` ranks by (distance, id), seeing every item tied at the k-th
+distance before it cuts. NDCG's ideal DCG needs, per query, how many database items share 1, 2, ...
+labels with it: computed from the database's distinct label sets and their counts (few, next to N),
+never from the N items one by one.
+
+Definitions (as in :mod:`dcgh_dist.metrics`): relevant = shares a label; AP@k = mean, over the
+relevant items among the first k, of the precision at their rank (0 if none); P@k = relevant among
+the first min(k, N) / min(k, N); NDCG@k with gain 2**shared - 1 and ideal DCG over the whole
+database.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dcgh_dist.data.format import SPLITS, list_data_files, resolve_filesystem
+from dcgh_dist.index.codes import _POPCOUNT8
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelTable:
+    """Labels and splits of a dataset keyed by id: sorted ids, bit-packed multi-hot labels."""
+
+    ids: np.ndarray  # (N,) int64, sorted
+    labels: np.ndarray  # (N, ceil(C / 8)) uint8, np.packbits of the multi-hot rows
+    split: np.ndarray  # (N,) uint8 index into SPLITS
+    num_classes: int
+
+    def rows(self, ids: np.ndarray, what: str = "id") -> np.ndarray:
+        """Positions of ``ids`` (any shape); a missing id is an error naming it."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        bad = self.ids[pos] != ids
+        if bad.any():
+            raise ValueError(f"{what} {int(ids[bad].flat[0])} is not in the dataset's labels "
+                             "(codes or index from another dataset?)")
+        return pos
+
+    def multihot(self, positions: np.ndarray) -> np.ndarray:
+        return np.unpackbits(self.labels[positions], axis=-1, count=self.num_classes).astype(bool)
+
+
+def read_labels(dataset_uri: str, s3_endpoint: str | None = None) -> LabelTable:
+    """Read ``id``, ``labels`` and ``split`` of every file (no payloads)."""
+    from dcgh_dist.data.format import read_dataset_info
+
+    info = read_dataset_info(dataset_uri, s3_endpoint)
+    fs, _ = resolve_filesystem(dataset_uri, s3_endpoint)
+    C = info.num_classes
+    split_code = {s: i for i, s in enumerate(SPLITS)}
+
+    def one(path: str):
+        t = pq.read_table(path, filesystem=fs, columns=["id", "labels", "split"])
+        ids = t.column("id").to_numpy().astype(np.int64)
+        col = t.column("labels").combine_chunks()
+        lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        mh = np.zeros((len(ids), C), dtype=bool)
+        mh[np.repeat(np.arange(len(ids)), lens), flat] = True
+        splits = np.array([split_code[s] for s in t.column("split").to_pylist()], dtype=np.uint8)
+        return ids, np.packbits(mh, axis=1), splits
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(one, list_data_files(dataset_uri, s3_endpoint)))
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return LabelTable(ids[order], np.concatenate([p[1] for p in parts])[order],
+                      np.concatenate([p[2] for p in parts])[order], C)
+
+
+def _overlap(q_packed_labels: np.ndarray, db_packed_labels: np.ndarray) -> np.ndarray:
+    """Shared-label counts: (n, Cb) x (n, k, Cb) -> (n, k), or (n, Cb) x (U, Cb) -> (n, U)."""
+    if db_packed_labels.ndim == 3:
+        x = np.bitwise_and(q_packed_labels[:, None, :], db_packed_labels)
+    else:
+        x = np.bitwise_and(q_packed_labels[:, None, :], db_packed_labels[None, :, :])
+    return _POPCOUNT8[x].sum(axis=-1, dtype=np.int32)
+
+
+def index_retrieval_metrics(
+    index,
+    query_codes: np.ndarray,
+    query_ids: np.ndarray,
+    labels: LabelTable,
+    *,
+    map_topk: int = 1000,
+    ndcg_k: int | None = 1000,
+    precision_k: Sequence[int] = (1, 10, 100, 1000),
+    db_splits: Sequence[str] | None = ("train", "val", "db"),
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """mAP@map_topk, NDCG@ndcg_k and P@k of ``query_codes`` against ``index``.
+
+    Keys as :func:`dcgh_dist.metrics.retrieval_metrics` with ``map_topk`` set: ``"map"``,
+    ``"ndcg@K"``, ``"p@K"``. ``db_splits``: every id in the index must belong to one of them
+    (an index built from query rows would score queries against themselves).
+    """
+    n_db = index.ntotal
+    ks = [map_topk] + ([ndcg_k] if ndcg_k else []) + list(precision_k)
+    if min(ks) < 1:
+        raise ValueError(f"every k must be >= 1, got {ks}")
+    k_top = min(max(ks), n_db)
+    q_pos = labels.rows(query_ids, "query id")
+    q_lab = labels.labels[q_pos]
+
+    # The database's distinct label sets with their counts, for the ideal DCG.
+    db_pos = _index_positions(index, labels, db_splits)
+    patterns, pattern_counts = np.unique(labels.labels[db_pos], axis=0, return_counts=True)
+
+    per = {"map": [], **({f"ndcg@{ndcg_k}": []} if ndcg_k else {}),
+           **{f"p@{k}": [] for k in dict.fromkeys(precision_k)}}
+    disc = 1.0 / np.log2(np.arange(2, k_top + 2, dtype=np.float64))
+    for start in range(0, len(query_codes), batch_size):
+        qc = query_codes[start:start + batch_size]
+        ql = q_lab[start:start + batch_size]
+        _, I = index.search_stable(qc, k_top)
+        I = I[:, :k_top]
+        if (I < 0).any():
+            raise RuntimeError("the index returned fewer results than it holds items")
+        pos = labels.rows(I, "index id")
+        if db_splits is not None:
+            allowed = np.isin(labels.split[pos], [SPLITS.index(s) for s in db_splits])
+            if not allowed.all():
+                bad = int(I[~allowed][0])
+                raise ValueError(f"index id {bad} is in split {SPLITS[labels.split[labels.rows(np.array([bad]))[0]]]!r},"
+                                 f" not in the database splits {list(db_splits)}; build the index from "
+                                 "codes of the database splits (encode --splits train,val,db)")
+        overlap = _overlap(ql, labels.labels[pos])
+        rel = overlap > 0
+        k = min(map_topk, n_db)
+        per["map"].append(_average_precision(rel[:, :k]))
+        for kp in dict.fromkeys(precision_k):
+            ke = min(kp, n_db)
+            per[f"p@{kp}"].append(np.count_nonzero(rel[:, :ke], axis=1) / ke)
+        if ndcg_k:
+            ke = min(ndcg_k, n_db)
+            dcg = (np.exp2(overlap[:, :ke].astype(np.float64)) - 1.0) @ disc[:ke]
+            idcg = _ideal_dcg(ql, patterns, pattern_counts, disc[:ke])
+            per[f"ndcg@{ndcg_k}"].append(np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0))
+    n_q = len(query_codes)
+    return {name: math.fsum(np.concatenate(v)) / n_q for name, v in per.items()}
+
+
+def _index_positions(index, labels: LabelTable, db_splits) -> np.ndarray:
+    """Label-table positions of every id in the index, from the manifest's id ranges (offset
+    shards) or by reading the ids back (id-map shards)."""
+    ids = []
+    for shard, ix in zip(index.manifest.shards, index._indexes):
+        if shard.id_layout == "offset":
+            ids.append(np.arange(shard.id_offset, shard.id_offset + shard.rows, dtype=np.int64))
+        else:
+            ids.append(_stored_ids(ix))
+    return labels.rows(np.concatenate(ids), "index id")
+
+
+def _stored_ids(ix) -> np.ndarray:
+    import faiss
+
+    if isinstance(ix, faiss.IndexBinaryIDMap):
+        return faiss.vector_to_array(ix.id_map).astype(np.int64)
+    if isinstance(ix, faiss.IndexBinaryIVF):
+        invlists = ix.invlists
+        out = []
+        for lst in range(ix.nlist):
+            n = invlists.list_size(lst)
+            if n:
+                out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    raise TypeError(f"cannot list the ids of a {type(ix).__name__}")
+
+
+def _average_precision(rel: np.ndarray) -> np.ndarray:
+    hits = np.cumsum(rel, axis=1)
+    ranks = np.arange(1, rel.shape[1] + 1)
+    prec_sum = np.where(rel, hits / ranks, 0.0).sum(axis=1)
+    n = hits[:, -1] if rel.shape[1] else np.zeros(len(rel))
+    return np.divide(prec_sum, n, out=np.zeros(len(rel)), where=n > 0)
+
+
+def _ideal_dcg(q_lab: np.ndarray, patterns: np.ndarray, counts: np.ndarray, disc: np.ndarray) -> np.ndarray:
+    """IDCG@k from G_v = #database items sharing >= v labels: the ideal list puts them first,
+    and 2**rel - 1 = sum_{v=1..rel} 2**(v-1)."""
+    ov = _overlap(q_lab, patterns)  # (n, U)
+    v_max = int(ov.max()) if ov.size else 0
+    disc_cum = np.concatenate(([0.0], np.cumsum(disc)))
+    k = len(disc)
+    idcg = np.zeros(len(q_lab))
+    for v in range(1, v_max + 1):
+        g = (ov >= v).astype(np.int64) @ counts
+        idcg += 2.0 ** (v - 1) * disc_cum[np.minimum(g, k)]
+    return idcg

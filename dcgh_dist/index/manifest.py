@@ -1,0 +1,246 @@
+"""The index manifest: one JSON file that says what a sharded index is and where its shards are.
+
+Written last and atomically by the builder, so a reader that finds a manifest finds every shard it
+names. Layout (``format = dcgh-dist-index-v1``)::
+
+    {
+      "format": "dcgh-dist-index-v1",
+      "bits": 64, "bit_order": "...",            # see dcgh_dist.index.codes
+      "index": {IndexConfig fields},             # type and parameters (nlist, nprobe, ...)
+      "exact": true,                             # k-NN equals a brute-force scan
+      "num_items": 1000000,
+      "model_fingerprint": "ab12...",            # weights hash of the checkpoint (or null)
+      "modality": "image",
+      "config": {...},                           # the checkpoint's Config tree (or null)
+      "codes_uri": "...", "build_id": "...", "created": "2025-...Z",
+      "shards": [
+        {"uri": "shards/<build_id>/shard-00000.faissindex",   # relative: to the manifest's dir
+         "rows": 250000, "id_min": 0, "id_max": 249999,
+         "id_layout": "offset", "id_offset": 0,               # or "ids": the index holds the ids
+         "sha256": "...", "bytes": 2000045}
+      ]
+    }
+
+``id_layout = "offset"``: the shard's ids are exactly ``id_offset .. id_offset + rows - 1`` in the
+order the codes were added, so the bare FAISS index is stored (8 bytes per 64-bit code) and the
+reader adds the offset to FAISS's positions. ``"ids"``: the index keeps the ids itself
+(``IndexBinaryIDMap``, or the inverted lists of ``IndexBinaryIVF``), 8 more bytes per item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+
+from dcgh_dist.data.format import join, read_text, resolve_filesystem, write_text_atomic
+from dcgh_dist.index.codes import BIT_ORDER
+
+MANIFEST_FORMAT = "dcgh-dist-index-v1"
+MANIFEST_NAME = "manifest.json"
+INDEX_TYPES = ("flat", "ivf", "multihash")
+
+
+class ManifestError(ValueError):
+    """A manifest or shard that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How ``jobs/build_index.py`` builds an index; saved verbatim in the manifest.
+
+    * ``flat``: ``IndexBinaryFlat``, exact k-NN and radius search, N x K/8 bytes, every query scans
+      everything. Fits up to a few hundred million codes per machine, and evaluation.
+    * ``ivf``: ``IndexBinaryIVF`` with ``nlist`` lists, ``nprobe`` searched; trained once on
+      ``train_size`` codes sampled from all shards, shared by every shard. Approximate, fast at
+      large N; ids stored in the lists (+8 bytes/item).
+    * ``multihash``: ``IndexBinaryMultiHash`` with ``mh_nhash`` hash tables over substrings of
+      ``mh_bits_per_hash`` bits, ``mh_nflip`` flips probed. Radius search is exact up to
+      ``nhash * (nflip + 1) - 1`` (pigeonhole); k-NN is approximate. For "everything within r bits"
+      queries with small r.
+    """
+
+    index_type: Literal["flat", "ivf", "multihash"] = "flat"
+    shard_size: int = 10_000_000
+    nlist: int = 1024
+    nprobe: int = 16
+    train_size: int | None = None  # None = 64 * nlist (FAISS wants >= 39 per centroid)
+    mh_nhash: int | None = None  # None = bits // 16
+    mh_bits_per_hash: int | None = None  # None = bits // mh_nhash
+    mh_nflip: int = 1
+    seed: int = 0
+    task_cpus: float = 1.0  # CPUs per Ray build task (FAISS threads inside it)
+
+    def __post_init__(self):
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index type must be one of {list(INDEX_TYPES)}, got {self.index_type!r}")
+        for name in ("shard_size", "nlist", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
+        if self.mh_nflip < 0:
+            raise ValueError(f"index mh_nflip must be >= 0, got {self.mh_nflip}")
+
+    def multihash_params(self, bits: int) -> tuple[int, int, int]:
+        """(nhash, bits per hash, nflip) resolved for a bit width; checked against it."""
+        nhash = self.mh_nhash or max(1, bits // 16)
+        b = self.mh_bits_per_hash or bits // nhash
+        if nhash * b > bits or b < 1 or b > 64:
+            raise ValueError(
+                f"multihash: {nhash} hashes x {b} bits do not fit in {bits}-bit codes "
+                "(need nhash * bits_per_hash <= bits, 1 <= bits_per_hash <= 64)"
+            )
+        return nhash, b, self.mh_nflip
+
+    def exact_radius(self, bits: int) -> int | None:
+        """Largest radius whose range search is exact; None = any radius (flat)."""
+        if self.index_type == "flat":
+            return None
+        if self.index_type == "multihash":
+            nhash, _, nflip = self.multihash_params(bits)
+            return nhash * (nflip + 1) - 1
+        return -1  # ivf: never guaranteed
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IndexConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown index config key(s) {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class ShardEntry:
+    uri: str
+    rows: int
+    id_min: int
+    id_max: int
+    id_layout: Literal["offset", "ids"]
+    id_offset: int | None
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class IndexManifest:
+    bits: int
+    index: IndexConfig
+    shards: list[ShardEntry]
+    model_fingerprint: str | None = None
+    modality: str | None = None
+    config: dict[str, Any] | None = None
+    codes_uri: str = ""
+    build_id: str = ""
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def exact(self) -> bool:
+        return self.index.index_type == "flat"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "bits": self.bits,
+                "bit_order": BIT_ORDER,
+                "index": asdict(self.index),
+                "exact": self.exact,
+                "num_items": self.num_items,
+                "model_fingerprint": self.model_fingerprint,
+                "modality": self.modality,
+                "config": self.config,
+                "codes_uri": self.codes_uri,
+                "build_id": self.build_id,
+                "created": self.created,
+                "extra": self.extra,
+                "shards": [asdict(s) for s in self.shards],
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "IndexManifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{where}: not valid JSON ({e})") from e
+        if d.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: not a dcgh-dist index manifest (format {d.get('format')!r})")
+        if d.get("bit_order") != BIT_ORDER:
+            raise ManifestError(
+                f"{where}: codes use bit order {d.get('bit_order')!r}, this reader uses {BIT_ORDER!r}"
+            )
+        try:
+            shards = [ShardEntry(**s) for s in d["shards"]]
+            m = cls(
+                bits=int(d["bits"]), index=IndexConfig.from_dict(d["index"]), shards=shards,
+                model_fingerprint=d.get("model_fingerprint"), modality=d.get("modality"),
+                config=d.get("config"), codes_uri=d.get("codes_uri", ""),
+                build_id=d.get("build_id", ""), created=d.get("created", ""),
+                extra=d.get("extra", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({e})") from e
+        if d.get("num_items") is not None and d["num_items"] != m.num_items:
+            raise ManifestError(
+                f"{where}: num_items {d['num_items']} != sum of shard rows {m.num_items}"
+            )
+        return m
+
+
+def manifest_location(uri: str) -> str:
+    """An index directory or manifest URI -> the manifest's URI."""
+    return uri if uri.endswith(".json") else join(uri, MANIFEST_NAME)
+
+
+def resolve_shard_uri(manifest_uri: str, shard_uri: str) -> str:
+    """Relative shard URIs are relative to the manifest's directory."""
+    if shard_uri.startswith("s3://") or shard_uri.startswith("/") or shard_uri.startswith("file://"):
+        return shard_uri
+    return join(manifest_uri.rsplit("/", 1)[0], shard_uri)
+
+
+def read_manifest(uri: str, s3_endpoint: str | None = None) -> IndexManifest:
+    uri = manifest_location(uri)
+    fs, path = resolve_filesystem(uri, s3_endpoint)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ManifestError(f"{uri}: no index manifest there (build one with jobs/build_index.py)")
+    return IndexManifest.from_json(read_text(fs, path), where=uri)
+
+
+def write_manifest(uri: str, manifest: IndexManifest, s3_endpoint: str | None = None) -> str:
+    """Write atomically (temp file + rename locally; a single PUT on S3). Returns its URI."""
+    uri = manifest_location(uri)
+    fs, path = resolve_filesystem(uri, s3_endpoint)
+    write_text_atomic(fs, path, manifest.to_json())
+    return uri
+
+
+def sha256_stream(fs: pafs.FileSystem, path: str, copy_to: str | None = None) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, optionally copying it to a local path on the way."""
+    h = hashlib.sha256()
+    size = 0
+    out = open(copy_to, "wb") if copy_to else None
+    try:
+        with fs.open_input_stream(path) as f:
+            while True:
+                chunk = f.read(8 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                size += len(chunk)
+                if out:
+                    out.write(chunk)
+    finally:
+        if out:
+            out.close()
+    return h.hexdigest(), size

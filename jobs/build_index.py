@@ -1,0 +1,93 @@
+"""Build sharded FAISS binary indexes from code shards (Parquet ``id`` + ``code``), as Ray tasks.
+
+    python jobs/build_index.py --codes codes/demo/image --output indexes/demo-image --index flat
+    python jobs/build_index.py --codes s3://bucket/codes/coco/text --output s3://bucket/idx/coco-text \\
+        --index ivf --nlist 4096 --nprobe 32 --shard-size 20000000 --s3-endpoint http://127.0.0.1:9000
+
+Index types: ``flat`` (exact), ``ivf`` (IndexBinaryIVF, approximate, fast at large N),
+``multihash`` (IndexBinaryMultiHash: exact radius search up to nhash * (nflip + 1) - 1). Writes
+``OUTPUT/shards/<build>/shard-NNNNN.faissindex`` and, last and atomically, ``OUTPUT/manifest.json``
+(bits, type and parameters, every shard's URI, rows, id range and sha256, the model fingerprint
+and config). Search it with ``dcgh_dist.index.ShardedIndex.open(OUTPUT)``; see docs/INDEX.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+logger = logging.getLogger("dcgh_dist.jobs.build_index")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--codes", required=True, help="directory / s3:// prefix of code shards (or one .parquet)")
+    p.add_argument("--output", required=True, help="index directory or s3:// prefix")
+    p.add_argument("--index", choices=["flat", "ivf", "multihash"], default="flat")
+    p.add_argument("--shard-size", type=int, help="codes per index shard (default 10,000,000)")
+    p.add_argument("--nlist", type=int, help="ivf: inverted lists (default 1024)")
+    p.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default 16)")
+    p.add_argument("--train-size", type=int, help="ivf: training sample (default 64 * nlist)")
+    p.add_argument("--mh-nhash", type=int, help="multihash: hash tables (default bits / 16)")
+    p.add_argument("--mh-bits-per-hash", type=int, help="multihash: bits per table (default bits / nhash)")
+    p.add_argument("--mh-nflip", type=int, help="multihash: bit flips probed (default 1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--task-cpus", type=float, help="CPUs (FAISS threads) per build task (default 1)")
+    p.add_argument("--checkpoint", help="the model's checkpoint: pins its fingerprint and config in the "
+                                        "manifest (must match the codes' own, when they carry one)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// URIs")
+    p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster")
+    p.add_argument("--ray-temp-dir", help="temp/session directory of a local cluster")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from dcgh_dist.encoding import connect_ray
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.index.manifest import IndexConfig
+
+    fields = {
+        "index_type": args.index, "shard_size": args.shard_size, "nlist": args.nlist,
+        "nprobe": args.nprobe, "train_size": args.train_size, "mh_nhash": args.mh_nhash,
+        "mh_bits_per_hash": args.mh_bits_per_hash, "mh_nflip": args.mh_nflip, "seed": args.seed,
+        "task_cpus": args.task_cpus,
+    }
+    cfg = IndexConfig(**{k: v for k, v in fields.items() if v is not None})
+    fingerprint = config = None
+    if args.checkpoint:
+        from dcgh_dist.train.checkpoint import read_meta
+
+        meta = read_meta(args.checkpoint)
+        fingerprint, config = meta.fingerprint, meta.config.to_dict()
+
+    import ray
+
+    started = connect_ray(args.ray_address, args.num_cpus, args.ray_temp_dir)
+    try:
+        manifest = build_index(args.codes, args.output, cfg, expected_fingerprint=fingerprint,
+                               config=config, s3_endpoint=args.s3_endpoint, use_ray=True)
+    finally:
+        if started:
+            ray.shutdown()
+    size = sum(s.bytes for s in manifest.shards)
+    print(f"| index | shards | codes | bits | bytes/item | model | seconds |\n|---|---|---|---|---|---|---|\n"
+          f"| {cfg.index_type} | {len(manifest.shards)} | {manifest.num_items} | {manifest.bits} | "
+          f"{size / max(1, manifest.num_items):.2f} | {manifest.model_fingerprint} | "
+          f"{manifest.extra.get('build_seconds')} |", flush=True)
+    print(f"manifest: {args.output.rstrip('/')}/manifest.json", flush=True)
+    return json.loads(manifest.to_json())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Bit packing, sharded FAISS indexes and their search, against brute-force numpy.
+
+Library-level: synthetic codes with many ties (few distinct codes), shards with both id layouts
+(contiguous ids -> bare index + offset; scattered ids -> the index keeps them), built in-process.
+The Ray-task build and the demo checkpoint are exercised in tests/test_encode_job.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dcgh_dist.index import (
+    BIT_ORDER,
+    IndexConfig,
+    ManifestError,
+    ShardedIndex,
+    as_packed,
+    brute_force_search,
+    hamming_distances,
+    pack_codes,
+    unpack_codes,
+)
+from dcgh_dist.index.build import build_index
+from dcgh_dist.index.codes import code_shard_meta, codes_table, pack_relaxed, read_code_shard
+from dcgh_dist.metrics import binarize, hamming_distance
+
+BITS = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Bit convention
+
+
+def test_bit_convention_is_packbits_big_endian():
+    relaxed = np.full((1, BITS), -0.5, dtype=np.float32)
+    relaxed[0, 0] = 0.3  # hash dimension 0 -> most significant bit of byte 0
+    relaxed[0, 15] = 0.0  # zero counts as positive -> bit 1 (LSB of byte 1)
+    packed = pack_relaxed(relaxed)
+    assert packed.dtype == np.uint8 and packed.shape == (1, BITS // 8)
+    assert packed[0, 0] == 0x80 and packed[0, 1] == 0x01 and not packed[0, 2:].any()
+    assert "big-endian" in BIT_ORDER
+
+
+@pytest.mark.parametrize("form", ["bool", "pm1", "relaxed", "01"])
+def test_pack_unpack_round_trip(form):
+    rng = np.random.default_rng(0)
+    bits = rng.random((50, BITS)) < 0.5
+    codes = {
+        "bool": bits,
+        "pm1": np.where(bits, 1.0, -1.0),
+        "relaxed": np.where(bits, 1, -1) * rng.uniform(1e-4, 1, bits.shape).astype(np.float32),
+        "01": bits.astype(np.int64),
+    }[form]
+    packed = pack_codes(codes)
+    assert np.array_equal(unpack_codes(packed, BITS), bits)
+    # The same bits the foundation's metrics see.
+    assert np.array_equal(unpack_codes(packed), binarize(codes))
+    # Queries in any form pack the same way; packed queries pass through unchanged.
+    assert np.array_equal(as_packed(codes, BITS), packed)
+    assert as_packed(packed, BITS) is not None and np.array_equal(as_packed(packed, BITS), packed)
+    if form == "relaxed":
+        assert np.array_equal(pack_relaxed(codes), packed)
+
+
+def test_pack_errors_are_clear():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_codes(np.ones((2, 12)))
+    with pytest.raises(ValueError, match="expected 8 packed uint8 bytes or 64"):
+        as_packed(np.ones((2, 32)), BITS)
+    with pytest.raises(ValueError, match="NaN"):
+        pack_relaxed(np.full((1, 8), np.nan))
+
+
+def test_hamming_matches_foundation():
+    rng = np.random.default_rng(1)
+    q, d = rng.random((7, BITS)) < 0.5, rng.random((30, BITS)) < 0.5
+    assert np.array_equal(hamming_distances(pack_codes(q), pack_codes(d)), hamming_distance(q, d))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: code shards with heavy ties
+
+
+def tied_codes(n: int, distinct: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (distinct, BITS // 8), dtype=np.uint8)
+    return base[rng.integers(0, distinct, n)]
+
+
+@pytest.fixture(scope="module")
+def code_dir(tmp_path_factory):
+    """2,000 codes over 60 distinct values in 4 files of 700, 300, 500, 500 rows: files 0 and 1
+    hold ids 0..699 and 700..999 (shuffled inside each), files 2-3 scattered ids. With 700-code
+    shards, shard 0 is contiguous (bare index + offset), the others keep their ids, and shard
+    boundaries fall inside files."""
+    root = tmp_path_factory.mktemp("codes")
+    rng = np.random.default_rng(3)
+    codes = tied_codes(2000, 60, seed=4)
+    ids = np.concatenate([rng.permutation(700), 700 + rng.permutation(300),
+                          10_000 + rng.choice(10**6, 1000, replace=False)])
+    meta = code_shard_meta(BITS, "fp-test", "image")
+    bounds = [0, 700, 1000, 1500, 2000]
+    for f in range(4):
+        sl = slice(bounds[f], bounds[f + 1])
+        pq.write_table(codes_table(ids[sl], codes[sl], meta), root / f"part-{f:05d}.parquet")
+    return str(root), ids.astype(np.int64), codes
+
+
+def queries(n=60, seed=9):
+    # Half near the database's codes (many ties at small distances), half random.
+    near = tied_codes(n // 2, 60, seed=4)
+    flips = np.random.default_rng(seed).integers(0, 256, near.shape, dtype=np.uint8)
+    flips &= np.random.default_rng(seed + 1).integers(0, 256, near.shape, dtype=np.uint8)
+    rand = np.random.default_rng(seed + 2).integers(0, 256, (n - n // 2, BITS // 8), dtype=np.uint8)
+    return np.concatenate([near ^ (flips & 0x11), rand])
+
+
+def assert_knn_tie_aware(D, I, q, db_codes, db_ids, k):
+    """FAISS's results vs a brute-force scan: the same distance list for every query, the same id
+    set at every distance below the k-th, and ids at the k-th distance drawn from the tied ones."""
+    full = hamming_distances(q, db_codes)
+    for r in range(len(q)):
+        ref = np.sort(full[r])[:k]
+        assert np.array_equal(D[r], ref), f"query {r}: distances differ"
+        assert len(set(I[r].tolist())) == k, f"query {r}: duplicate ids"
+        dk = ref[-1]
+        for d in np.unique(ref):
+            got = set(I[r][D[r] == d].tolist())
+            want = set(db_ids[full[r] == d].tolist())
+            if d < dk:
+                assert got == want, f"query {r}, distance {d}: id sets differ"
+            else:
+                assert got <= want, f"query {r}: ids at the k-th distance {d} are not tied items"
+
+
+@pytest.fixture(scope="module")
+def built(code_dir, tmp_path_factory):
+    """One index per type, 700-code shards (3 shards), built in-process."""
+    root, _, _ = code_dir
+    out = {}
+    for t in ("flat", "ivf", "multihash"):
+        d = str(tmp_path_factory.mktemp(f"idx-{t}"))
+        build_index(root, d, IndexConfig(index_type=t, shard_size=700, nlist=16, nprobe=4),
+                    use_ray=False)
+        out[t] = d
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Search vs brute force
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_flat_knn_equals_brute_force(code_dir, built, k):
+    _, ids, codes = code_dir
+    index = ShardedIndex.open(built["flat"])
+    assert index.exact and len(index) == 2000
+    layouts = {s.id_layout for s in index.manifest.shards}
+    assert layouts == {"offset", "ids"}  # both id layouts are exercised
+    q = queries()
+    D, I = index.search(q, k)
+    assert_knn_tie_aware(D, I, q, codes, ids, k)
+    # ±1 and relaxed queries give the same result as packed ones.
+    D2, _ = index.search(np.where(unpack_codes(q), 0.7, -0.2), k)
+    assert np.array_equal(D, D2)
+    # Few queries take the thread-per-shard path (one FAISS thread in each): same distances, and
+    # the caller's FAISS thread count is left alone.
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    D3, _ = index.search(q[:1], k)
+    assert np.array_equal(D3, D[:1]) and faiss.omp_get_max_threads() == threads
+
+
+def test_search_stable_is_deterministic_and_equals_id_ordered_brute_force(code_dir, built):
+    _, ids, codes = code_dir
+    index = ShardedIndex.open(built["flat"])
+    q = queries()
+    for k, margin in [(10, None), (50, 0)]:  # margin 0 forces the range-search tie completion
+        D, I = index.search_stable(q, k, margin=margin)
+        bD, bI = brute_force_search(q, codes, ids, k)
+        assert np.array_equal(D, bD) and np.array_equal(I, bI)
+    # More than the database holds: everything, then -1.
+    D, I = index.search_stable(q[:3], 2100)
+    assert (I[:, 2000:] == -1).all() and set(I[0, :2000].tolist()) == set(ids.tolist())
+
+
+def test_flat_range_search_is_exact(code_dir, built):
+    _, ids, codes = code_dir
+    index = ShardedIndex.open(built["flat"])
+    q = queries()
+    full = hamming_distances(q, codes)
+    for radius in (0, 5, 20):
+        lims, D, I = index.range_search(q, radius)
+        for r in range(len(q)):
+            got = I[lims[r]:lims[r + 1]]
+            want = np.sort(ids[full[r] <= radius])
+            assert np.array_equal(np.sort(got), want)
+            assert (D[lims[r]:lims[r + 1]] <= radius).all()
+
+
+def test_multihash_range_search_is_exact_up_to_its_radius(code_dir, built):
+    _, ids, codes = code_dir
+    index = ShardedIndex.open(built["multihash"])
+    exact_r = index.manifest.index.exact_radius(BITS)
+    assert exact_r == 7  # 4 hashes of 16 bits, 1 flip: pigeonhole bound 4 * 2 - 1
+    q = queries()
+    full = hamming_distances(q, codes)
+    lims, D, I = index.range_search(q, exact_r)
+    assert lims[-1] > 0
+    for r in range(len(q)):
+        assert np.array_equal(np.sort(I[lims[r]:lims[r + 1]]), np.sort(ids[full[r] <= exact_r]))
+    with pytest.raises(ValueError, match="exceeds what this multihash index searches exactly"):
+        index.range_search(q, exact_r + 1)
+
+
+def test_ivf_recall(code_dir, built, capsys):
+    _, ids, codes = code_dir
+    index = ShardedIndex.open(built["ivf"])
+    assert not index.exact
+    q = queries()
+    k = 10
+    bD, _ = brute_force_search(q, codes, ids, k)
+    full = hamming_distances(q, codes)
+    recalls = {}
+    pos = {int(i): p for p, i in enumerate(ids)}
+    dk = bD[:, -1]
+    for nprobe in (1, 4, 16):
+        index.set_nprobe(nprobe)
+        D, I = index.search(q, k)
+        # Tie-aware recall@k: a hit is a returned id within the true k-th distance.
+        hits = sum(1 for r in range(len(q)) for i in I[r] if i >= 0 and full[r, pos[int(i)]] <= dk[r])
+        recalls[nprobe] = hits / (len(q) * k)
+    print("ivf recall@10 by nprobe:", recalls)
+    assert recalls[16] == 1.0  # every list probed: exact
+    assert 0 < recalls[1] <= recalls[4] <= recalls[16]
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and integrity
+
+
+def test_manifest_contents(code_dir, built):
+    m = json.loads(open(os.path.join(built["ivf"], "manifest.json")).read())
+    assert m["format"] == "dcgh-dist-index-v1" and m["bits"] == BITS and m["bit_order"] == BIT_ORDER
+    assert m["index"]["index_type"] == "ivf" and m["index"]["nlist"] == 16
+    assert m["model_fingerprint"] == "fp-test" and m["num_items"] == 2000
+    assert [s["rows"] for s in m["shards"]] == [700, 700, 600]
+    for s in m["shards"]:
+        assert len(s["sha256"]) == 64 and s["id_min"] <= s["id_max"]
+        assert os.path.getsize(os.path.join(built["ivf"], s["uri"])) == s["bytes"]
+
+
+def test_reader_refuses_other_model_and_bit_width(built):
+    with pytest.raises(ManifestError, match="not of the expected model other-model"):
+        ShardedIndex.open(built["flat"], expected_fingerprint="other-model")
+    with pytest.raises(ManifestError, match="holds 64-bit codes, expected 32 bits"):
+        ShardedIndex.open(built["flat"], expected_bits=32)
+    ShardedIndex.open(built["flat"], expected_fingerprint="fp-test", expected_bits=64)
+
+
+def _copy_index(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_corrupted_or_truncated_shard_is_refused(built, tmp_path):
+    d = _copy_index(built["flat"], tmp_path / "idx")
+    m = json.loads(open(os.path.join(d, "manifest.json")).read())
+    shard = os.path.join(d, m["shards"][1]["uri"])
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(ManifestError, match=r"shard 1 .*sha256 .* does not match"):
+        ShardedIndex.open(d)
+    open(shard, "wb").write(bytes(data[:-10]))
+    with pytest.raises(ManifestError, match=r"shard 1 .*bytes on disk, manifest says"):
+        ShardedIndex.open(d)
+    os.remove(shard)
+    with pytest.raises(ManifestError, match="file missing"):
+        ShardedIndex.open(d)
+
+
+def test_manifest_with_other_bit_width_or_order_is_refused(built, tmp_path):
+    d = _copy_index(built["flat"], tmp_path / "idx")
+    path = os.path.join(d, "manifest.json")
+    m = json.loads(open(path).read())
+    m["bits"] = 32
+    open(path, "w").write(json.dumps(m))
+    with pytest.raises(ManifestError, match="index has 64-bit codes, manifest says 32"):
+        ShardedIndex.open(d)
+    m["bits"], m["bit_order"] = 64, "little-endian"
+    open(path, "w").write(json.dumps(m))
+    with pytest.raises(ManifestError, match="bit order"):
+        ShardedIndex.open(d)
+    with pytest.raises(ManifestError, match="no index manifest"):
+        ShardedIndex.open(str(tmp_path / "nowhere"))
+
+
+def test_build_refuses_bad_inputs(code_dir, tmp_path):
+    root, _, _ = code_dir
+    with pytest.raises(ManifestError, match="codes were made by model fp-test"):
+        build_index(root, str(tmp_path / "a"), IndexConfig(), expected_fingerprint="other", use_ray=False)
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    c = tied_codes(10, 3, 0)
+    pq.write_table(codes_table(np.arange(10), c, None), dup / "a.parquet")
+    pq.write_table(codes_table(np.arange(5, 15), c, None), dup / "b.parquet")
+    with pytest.raises(ValueError, match="id 5 appears 2 times"):
+        build_index(str(dup), str(tmp_path / "b"), IndexConfig(shard_size=10), use_ray=False)
+    with pytest.raises(ValueError, match="id 5 appears more than once"):
+        build_index(str(dup), str(tmp_path / "c"), IndexConfig(shard_size=100), use_ray=False)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    pq.write_table(codes_table(np.arange(3), c[:3], None), mixed / "a.parquet")
+    pq.write_table(codes_table(np.arange(3, 6), np.zeros((3, 4), np.uint8), None), mixed / "b.parquet")
+    with pytest.raises(ValueError, match="different bit widths"):
+        build_index(str(mixed), str(tmp_path / "d"), IndexConfig(), use_ray=False)
+
+
+def test_rebuild_replaces_shards_atomically(code_dir, tmp_path):
+    root, ids, codes = code_dir
+    d = str(tmp_path / "idx")
+    m1 = build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+    reader = ShardedIndex.open(d)  # holds the first build (memory-mapped)
+    m2 = build_index(root, d, IndexConfig(shard_size=600), use_ray=False)
+    assert m1.build_id != m2.build_id
+    assert not os.path.exists(os.path.join(d, "shards", m1.build_id))
+    assert sorted(os.listdir(os.path.join(d, "shards"))) == [m2.build_id]
+    q = queries(8)
+    assert np.array_equal(ShardedIndex.open(d).search(q, 5)[0], reader.search(q, 5)[0])
+
+
+def test_code_shard_reader_accepts_plain_binary_codes(tmp_path):
+    """Shards "whoever wrote them": a binary (not fixed-size) code column without metadata."""
+    import pyarrow as pa
+
+    c = tied_codes(20, 5, 1)
+    table = pa.table({"id": pa.array(np.arange(100, 120), pa.int64()),
+                      "code": pa.array([bytes(r) for r in c], pa.binary())})
+    pq.write_table(table, tmp_path / "x.parquet")
+    import pyarrow.fs as pafs
+
+    ids, codes = read_code_shard(pafs.LocalFileSystem(), str(tmp_path / "x.parquet"))
+    assert np.array_equal(codes, c) and ids[0] == 100
+    m = build_index(str(tmp_path), str(tmp_path / "idx"), IndexConfig(), use_ray=False)
+    assert m.model_fingerprint is None and m.bits == 64
+    D, I = ShardedIndex.open(str(tmp_path / "idx")).search(c[:3], 1)
+    assert (D[:, 0] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics through the index == the foundation's metrics
+
+
+def test_index_metrics_equal_foundation_metrics_with_ties(tmp_path):
+    """mAP@k, NDCG@k, P@k from top-k retrieval equal dcgh_dist.metrics' whole-ranking values.
+
+    Few distinct codes make ties at the k-th distance the rule, not the exception, so the
+    tie handling (rank by distance, then id = database order) is what is being tested.
+    """
+    from dcgh_dist.data.format import DatasetInfo, write_dataset
+    from dcgh_dist.index.evaluate import index_retrieval_metrics, read_labels
+    from dcgh_dist.metrics import retrieval_metrics
+
+    rng = np.random.default_rng(5)
+    n_db, n_q, C = 700, 40, 6
+    db_ids = np.sort(rng.choice(5000, n_db, replace=False)) + 1  # scattered ids
+    q_ids = np.arange(-n_q, 0)  # queries: their own ids, split "query"
+    labels = {int(i): sorted(set(rng.integers(0, C, rng.integers(1, 4)).tolist()))
+              for i in np.concatenate([db_ids, q_ids])}
+    info = DatasetInfo(name="t", num_classes=C, class_names=tuple("abcdef"))
+    rows = [{"id": int(i), "labels": labels[int(i)], "split": "query" if i < 0 else "db",
+             "image": b"x", "text": "t"} for i in np.concatenate([q_ids, db_ids])]
+    write_dataset(str(tmp_path / "data"), info, rows, rows_per_file=300)
+
+    db_codes, q_codes = tied_codes(n_db, 25, seed=6), tied_codes(n_q, 25, seed=6)
+    perm = rng.permutation(n_db)  # shards in arbitrary order: the ranking must not care
+    (tmp_path / "codes").mkdir()
+    for f, part in enumerate(np.array_split(perm, 3)):
+        pq.write_table(codes_table(db_ids[part], db_codes[part], code_shard_meta(BITS, "m", "image")),
+                       tmp_path / "codes" / f"part-{f}.parquet")
+    build_index(str(tmp_path / "codes"), str(tmp_path / "idx"), IndexConfig(shard_size=250), use_ray=False)
+    index = ShardedIndex.open(str(tmp_path / "idx"))
+    table = read_labels(str(tmp_path / "data"))
+
+    def multihot(ids):
+        out = np.zeros((len(ids), C), dtype=np.float32)
+        for r, i in enumerate(ids):
+            out[r, labels[int(i)]] = 1
+        return out
+
+    for k in (1, 7, 50, 1000):  # 1000 > N: the whole database
+        got = index_retrieval_metrics(index, q_codes, q_ids, table, map_topk=k, ndcg_k=k,
+                                      precision_k=(1, k), batch_size=16)
+        ref = retrieval_metrics(unpack_codes(q_codes), unpack_codes(db_codes), multihot(q_ids),
+                                multihot(db_ids), map_topk=k, ndcg_k=k, precision_k=(1, k))
+        assert got.keys() == ref.keys()
+        for name in ref:
+            assert got[name] == pytest.approx(ref[name], abs=1e-12), (k, name)
+
+    # An index that holds query rows is refused: it would rank queries against themselves.
+    with pytest.raises(ValueError, match="not in the database splits"):
+        index_retrieval_metrics(index, q_codes, q_ids, table, map_topk=5, db_splits=("train",))
