@@ -49,13 +49,23 @@ def _read_state(state_dir: str) -> dict | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, create_time: float | None = None) -> bool:
+    """Is this process still running? With ``create_time``, only if it is the *same* process:
+    on a busy machine a recorded PID can be reused by an unrelated one, which stop must spare."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        p = psutil.Process(pid)
+        if create_time is not None and abs(p.create_time() - create_time) > 1e-3:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def recorded_processes(state: dict) -> list[tuple[int, float]]:
+    """(pid, create_time) of the daemon and of every process it had spawned."""
+    return [tuple(p) for p in state["procs"]]
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -93,7 +103,7 @@ def serve(args: argparse.Namespace) -> None:
         "dashboard": f"http://127.0.0.1:{args.dashboard_port}",
         "nodes": 1 + args.workers,
         "cpus_per_node": args.cpus_per_node,
-        "pids": sorted(p.pid for p in me.children(recursive=True)),
+        "procs": [[p.pid, p.create_time()] for p in [me, *me.children(recursive=True)]],
     }
     tmp = _state_file(args.state_dir) + ".tmp"
     with open(tmp, "w") as f:
@@ -109,7 +119,7 @@ def serve(args: argparse.Namespace) -> None:
 def start(args: argparse.Namespace) -> dict:
     os.makedirs(args.state_dir, exist_ok=True)
     old = _read_state(args.state_dir)
-    if old and _alive(old["pid"]):
+    if old and _alive(*recorded_processes(old)[0]):
         raise SystemExit(f"a cluster started from {args.state_dir} is already running: {old['dashboard']}")
     if old:
         os.remove(_state_file(args.state_dir))
@@ -148,19 +158,26 @@ def stop(args: argparse.Namespace) -> int:
     if state is None:
         print(f"no cluster recorded in {args.state_dir}")
         return 0
-    if _alive(state["pid"]):
-        os.kill(state["pid"], signal.SIGTERM)
+    daemon = recorded_processes(state)[0]
+    if _alive(*daemon):
+        os.kill(daemon[0], signal.SIGTERM)
         deadline = time.time() + args.timeout
-        while _alive(state["pid"]) and time.time() < deadline:
+        while _alive(*daemon) and time.time() < deadline:
             time.sleep(0.5)
-    killed = 0
-    for pid in [state["pid"], *state["pids"]]:
-        if _alive(pid):
+    leftovers = []
+    for pid, created in recorded_processes(state):
+        if _alive(pid, created):
             try:
-                psutil.Process(pid).kill()
-                killed += 1
+                proc = psutil.Process(pid)
+                proc.kill()
+                leftovers.append(proc)
             except psutil.Error:
                 pass
+    # SIGKILL is asynchronous: return only once they are gone
+    _, still = psutil.wait_procs(leftovers, timeout=30)
+    if still:
+        raise SystemExit(f"could not stop processes {[p.pid for p in still]}")
+    killed = len(leftovers)
     os.remove(_state_file(args.state_dir))
     print(f"stopped the cluster at {state['address']}" + (f" ({killed} processes killed)" if killed else ""))
     return killed
@@ -168,7 +185,7 @@ def stop(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> dict | None:
     state = _read_state(args.state_dir)
-    if state is None or not _alive(state["pid"]):
+    if state is None or not _alive(*recorded_processes(state)[0]):
         print("not running")
         return None
     print(json.dumps(state, indent=2))

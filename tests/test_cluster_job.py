@@ -27,7 +27,7 @@ def test_job_submit_to_local_multinode_cluster(tmp_path, demo_small):
     try:
         assert state["nodes"] == 2 and state["address"].startswith("127.0.0.1:")
         # every socket of the cluster listens on loopback
-        pids = {state["pid"], *state["pids"]}
+        pids = {pid for pid, _ in local_cluster.recorded_processes(state)}
         listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN and c.pid in pids}
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
@@ -56,4 +56,5 @@ def test_job_submit_to_local_multinode_cluster(tmp_path, demo_small):
     finally:
         local_cluster.main(["stop", "--state-dir", state_dir])
     # stop ended exactly what start started: nothing recorded is left
-    assert not any(local_cluster._alive(p) for p in [state["pid"], *state["pids"]])
+    # (by PID and start time: a PID reused by an unrelated process since does not count)
+    assert not any(local_cluster._alive(pid, created) for pid, created in local_cluster.recorded_processes(state))
