@@ -1,7 +1,8 @@
-"""Encoding throughput (items/s) of the tiny and ViT-B/32 image and text towers, on CPU.
+"""Encoding throughput (items/s) of the tiny and ViT-B/32 image and text towers, CPU or GPU.
 
     python benchmarks/bench_encode.py                                # both presets
     python benchmarks/bench_encode.py --presets tiny --job-rows 2000
+    python benchmarks/bench_encode.py --device cuda --batch 256      # a GPU node: GPU model actors
 
 Two measurements per preset and modality, untrained weights (the compute is the same):
 
@@ -27,6 +28,7 @@ import time
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train.machine
 
 logger = logging.getLogger("dcgh_dist.benchmarks.encode")
 
@@ -41,6 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-job", action="store_true")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--json", help="append results as JSON lines here")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); "
+                   "cuda also gives the job's model actors a GPU each")
     return p.parse_args(argv)
 
 
@@ -62,7 +66,7 @@ def make_checkpoint(path: str, preset: str, info) -> str:
     return path
 
 
-def model_throughput(ckpt: str, dataset: str, batch: int) -> list[dict]:
+def model_throughput(ckpt: str, dataset: str, batch: int, device: str = "cpu") -> list[dict]:
     """Forward-only items/s per modality, fp32 and bf16 autocast, and bf16 bit agreement."""
     import glob
 
@@ -73,7 +77,8 @@ def model_throughput(ckpt: str, dataset: str, batch: int) -> list[dict]:
     from dcgh_dist.encoding import bit_agreement, encode_preprocessor, encode_relaxed
     from dcgh_dist.train.checkpoint import load_model
 
-    model, meta = load_model(ckpt)
+    model, meta = load_model(ckpt, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     info = read_dataset_info(dataset)
     table = pq.read_table(sorted(glob.glob(os.path.join(dataset, "*.parquet")))[0]).slice(0, batch)
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "image", "text")}
@@ -81,21 +86,24 @@ def model_throughput(ckpt: str, dataset: str, batch: int) -> list[dict]:
     x = encode_preprocessor(meta.config, info, ("image", "text"), vision.get("image_size"))(rows)
     out = []
     for mod in ("image", "text"):
-        inp = torch.as_tensor(x[mod])
+        inp = torch.as_tensor(x[mod]).to(device)
         res = {"modality": mod, "threads": torch.get_num_threads(), "batch": batch}
         for precision in ("fp32", "bf16"):
             encode_relaxed(model, mod, inp, precision)  # warm-up
+            sync()
             reps, t0 = 0, time.perf_counter()
             while reps < 2 or time.perf_counter() - t0 < 3.0:
                 encode_relaxed(model, mod, inp, precision)
                 reps += 1
+            sync()  # GPU kernels run asynchronously: time their completion, not their launch
             res[f"{precision}_items_s"] = reps * batch / (time.perf_counter() - t0)
         res["bf16_bit_agreement"] = bit_agreement(model, mod, inp)
         out.append(res)
     return out
 
 
-def job_seconds(ckpt: str, dataset: str, work: str, modality: str, batch: int) -> tuple[int, float]:
+def job_seconds(ckpt: str, dataset: str, work: str, modality: str, batch: int,
+                use_gpu: bool = False) -> tuple[int, float]:
     import shutil
 
     from dcgh_dist.encoding import EncodeConfig, run_encode
@@ -104,7 +112,8 @@ def job_seconds(ckpt: str, dataset: str, work: str, modality: str, batch: int) -
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = run_encode(ckpt, dataset, out, (modality,),
-                   EncodeConfig(batch_size=batch, actor_cpus=os.cpu_count() or 1, precision="fp32"))
+                   EncodeConfig(batch_size=batch, actor_cpus=os.cpu_count() or 1, precision="fp32",
+                                use_gpu=use_gpu))
     seconds = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return r.input_rows, seconds
@@ -136,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from dcgh_dist.data.demo import generate_demo_dataset
     from dcgh_dist.data.format import read_dataset_info
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.work_dir, exist_ok=True)
     sizes = {"tiny": [int(x) for x in args.job_rows.split(",")],
              "vit-b-32": [int(x) for x in args.job_rows_large.split(",")]}
@@ -150,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         ckpt = make_checkpoint(os.path.join(args.work_dir, f"ckpt-{preset}"), preset, info)
         if args.skip_model:
             continue
-        for r in model_throughput(ckpt, data, args.batch):
+        for r in model_throughput(ckpt, data, args.batch, device):
             results.append({"preset": preset, "kind": "model", **r})
             logger.info("%s", results[-1])
 
@@ -166,8 +176,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 ckpt = os.path.join(args.work_dir, f"ckpt-{preset}")
                 small, large = sizes.get(preset, sizes["vit-b-32"])
                 for mod in ("image", "text"):
-                    n1, t1 = job_seconds(ckpt, subset(data, info, small, args.work_dir), args.work_dir, mod, args.batch)
-                    n2, t2 = job_seconds(ckpt, subset(data, info, large, args.work_dir), args.work_dir, mod, args.batch)
+                    # Warm-up: the first job on a fresh Ray pays for starting worker processes and
+                    # importing torch in them, which later jobs reuse; untimed, or it would make the
+                    # small run look slow and the marginal rate meaningless.
+                    gpu = device.startswith("cuda")
+                    job_seconds(ckpt, subset(data, info, small, args.work_dir), args.work_dir, mod, args.batch, gpu)
+                    n1, t1 = job_seconds(ckpt, subset(data, info, small, args.work_dir), args.work_dir, mod,
+                                         args.batch, gpu)
+                    n2, t2 = job_seconds(ckpt, subset(data, info, large, args.work_dir), args.work_dir, mod,
+                                         args.batch, gpu)
                     rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")
                     results.append({"preset": preset, "kind": "job", "modality": mod, "rows": [n1, n2],
                                     "seconds": [round(t1, 1), round(t2, 1)], "marginal_items_s": rate,
@@ -177,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             if started:
                 ray.shutdown()
 
-    print(f"\nCPU only (no GPU on this machine): {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}")
+    from bench_train import machine
+
+    print(f"\nMachine: {machine()}; model on {device}, {torch.get_num_threads()} torch threads, "
+          f"batch {args.batch}")
     print("\n| preset | tower | fp32 items/s | bf16 items/s | bf16 bit agreement |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -27,7 +27,7 @@ VALID_BITS = (16, 32, 64, 128)
 @dataclass(frozen=True)
 class ModelConfig:
     family: Literal["clip", "features"] = "clip"
-    # clip family: a size preset from dcgh_dist.models.clip.CLIP_PRESETS
+    # clip family: a size preset from dcgh_dist.models.towers.CLIP_PRESETS
     clip_preset: str = "vit-b-32"
     # Local Hugging Face CLIP directory or OpenAI-format ``.pt`` file; None = random init.
     pretrained: str | None = None
@@ -73,7 +73,8 @@ class OptimConfig:
     schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
     max_grad_norm: float = 1.0
     # "linear": multiply both learning rates by num_workers (global batch grows with workers);
-    # "none": keep them. See docs/TRAINING.md.
+    # "sqrt": by its square root (the gentler rule for Adam-style optimizers); "none": keep them.
+    # See docs/TRAINING.md.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
 

@@ -37,7 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--skip-baseline", action="store_true", help="don't evaluate the untrained model")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.head_lr=3e-4 loss.variance_mode=masked")
-    return p.parse_args(argv)
+    # Intermixed: overrides may sit between flags (`train.engine=deepspeed --num-workers 2 ...`), as
+    # people type them; plain parse_args rejects positionals that follow an option.
+    return p.parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace):

@@ -50,3 +50,19 @@ def test_bad_values_fail_loudly(override, match):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_train_job_takes_overrides_between_flags():
+    """`jobs/train.py` as people type it: overrides before, between and after flags."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "train_job", pathlib.Path(__file__).resolve().parents[1] / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = job.parse_args(["loss.variance_mode=masked", "--dataset", "demo", "optim.head_lr=3e-4",
+                           "--num-workers", "2", "train.engine=deepspeed", "train.zero_stage=2"])
+    cfg = job.build_config(args)
+    assert (cfg.train.num_workers, cfg.train.engine, cfg.train.zero_stage) == (2, "deepspeed", 2)
+    assert cfg.loss.variance_mode == "masked" and cfg.optim.head_lr == 3e-4

@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -145,3 +146,22 @@ def test_demo_is_deterministic_multilabel_and_follows_format(tmp_path):
     omitted = sum(any(names[l] not in txt for l in labs)
                   for txt, labs in zip(texts, t.column("labels").to_pylist()))
     assert omitted > 0.2 * len(texts)
+
+
+def test_footer_reader_pool_is_sized_to_the_files(monkeypatch):
+    """Ray Data's Parquet listing starts a pool of footer-reader actors per read (32 by default);
+    the pipeline sizes it to the file count, and Ray's indexer must actually pick the value up."""
+    from dcgh_dist.data.pipeline import FOOTER_ENV, footer_reader_actors
+
+    indexer_mod = pytest.importorskip(
+        "ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
+    monkeypatch.delenv(FOOTER_ENV, raising=False)
+    for n_files, expected in [(2, 1), (512, 1), (513, 2), (10**6, 32)]:
+        with footer_reader_actors(n_files) as n:
+            assert n == expected
+            indexer = indexer_mod.FooterFileIndexer(ignore_missing_paths=False)
+            assert indexer._num_actors == expected  # the knob Ray 2.60 reads when a read is planned
+        assert FOOTER_ENV not in os.environ  # restored: nothing leaks to later reads
+    monkeypatch.setenv(FOOTER_ENV, "7")  # the user's own setting wins
+    with footer_reader_actors(2) as n:
+        assert n == 7 and os.environ[FOOTER_ENV] == "7"

@@ -7,7 +7,6 @@ from its last checkpoint, finish with the same number of steps, and land near th
 
 from __future__ import annotations
 
-import glob
 import json
 import sys
 import threading
@@ -96,13 +95,23 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninte
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    # Kill only once Ray Train's controller has registered a checkpoint (it lists it in its
+    # snapshot): files of a checkpoint whose report the controller had not yet collected may
+    # appear on disk first, and a restart rightly ignores those.
     deadline = time.time() + 600
-    pattern = str(out / "ray_results" / "train" / "checkpoint_*" / "meta.json")
-    while not glob.glob(pattern):
+    run_dir = out / "ray_results" / "train"
+    registered: list = []
+    while not registered:
         assert thread.is_alive(), box.get("error")
-        assert time.time() < deadline, "no checkpoint appeared"
+        assert time.time() < deadline, "no checkpoint was registered"
         time.sleep(0.5)
-    first_meta = json.loads(Path(glob.glob(pattern)[0]).read_text())
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):  # not written yet, or being rewritten
+            continue
+        registered = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    metas = [json.loads((run_dir / name / "meta.json").read_text()) for name in registered]
+    first_meta = max(metas, key=lambda m: m["global_step"])  # what a restart must start from
     victims = _train_workers()
     assert victims, "no RayTrainWorker process found to kill"
     for v in victims:
@@ -118,6 +127,12 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninte
     assert last["global_step"] == EPOCHS * steps_per_epoch  # no step lost or repeated
     assert [h["epoch"] for h in result["history"]] == list(range(1, EPOCHS + 1))
     assert first_meta["global_step"] < EPOCHS * steps_per_epoch  # the kill came mid-run
+    # ...and the restart continued from a checkpoint written before the kill, not from scratch:
+    # the epochs that checkpoint had finished are kept as they were, not redone.
+    resumes = [h["resumed_from_step"] for h in result["history"] if "resumed_from_step" in h]
+    assert len(resumes) == 1 and resumes[0] >= first_meta["global_step"] > 0, resumes
+    done = len(first_meta["history"])
+    assert result["history"][:done] == first_meta["history"]
     # quality in line with the uninterrupted run (same config, different data order after resume)
     for key in ("map_i2t", "map_t2i"):
         assert abs(result[key] - clean[key]) < 0.1, (key, result[key], clean[key])

@@ -93,6 +93,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     accum = cfg.train.grad_accum_steps
     total_opt_steps = (steps_per_epoch // accum) * cfg.train.epochs
+    # Ray Data yields the first batch only once ~1.5 local shuffle buffers are filled, so a buffer
+    # as large as a worker's shard would make every epoch preprocess its whole shard before the
+    # first step, with no overlap of data and compute. Capped at a quarter of the shard, never
+    # under one batch; the file order is re-shuffled every epoch as well.
+    shard_rows = steps_per_epoch * cfg.data.batch_size
+    shuffle_buffer = (max(cfg.data.batch_size, min(cfg.data.shuffle_buffer, shard_rows // 4))
+                      if cfg.data.shuffle_buffer else None)
+    if rank == 0 and shuffle_buffer is not None and shuffle_buffer < cfg.data.shuffle_buffer:
+        logger.info("local shuffle buffer %d rows (data.shuffle_buffer=%d capped at a quarter of "
+                    "this worker's %d-row shard)", shuffle_buffer, cfg.data.shuffle_buffer, shard_rows)
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker, and for the untrained baseline
     model = build_model(
@@ -114,6 +124,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             logger.info("resuming at epoch %d, micro-step %d (optimizer step %d)",
                         start_epoch + 1, start_micro, global_step)
+    # Recorded in the history of the epoch that continues from a checkpoint, so a run's record
+    # shows where each restart (worker failure or --resume) picked up.
+    resumed_from_step = global_step if ckpt else None
 
     engine = build_engine(model, cfg, total_opt_steps, world)
     proxies.to(device)
@@ -152,10 +165,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.data.batch_size,
             drop_last=True,  # equal batches on every worker keep the collectives in lock-step
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_buffer_size=shuffle_buffer,
         )
-        micro = first
-        for batch in batches:
+        micro, data_wait, first_batch_wait = first, 0.0, None
+        batch_iter = iter(batches)
+        while True:
+            # Time blocked on the data pipeline, apart from compute: the number that says whether
+            # Ray Data keeps up (target: a few percent of the step time). The first batch's wait
+            # is the epoch's pipeline start-up, reported apart since it does not grow with the data.
+            t_wait = time.perf_counter()
+            batch = next(batch_iter, None)
+            data_wait += time.perf_counter() - t_wait
+            if first_batch_wait is None:
+                first_batch_wait = data_wait
+            if batch is None:
+                break
             if micro >= steps_per_epoch:
                 break  # uneven shards: every worker runs exactly steps_per_epoch micro-steps
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -196,9 +220,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "global_step": global_step,
             "pairs_per_s": n_pairs / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
+            "data_wait_share": data_wait / max(elapsed, 1e-9),  # this worker's (rank 0's) share
+            "first_batch_seconds": first_batch_wait or 0.0,
             "lr_heads": engine.lr(),
             **{f"loss_{k}": v / max(n_micro, 1) for k, v in sums.items()},
         }
+        if resumed_from_step is not None:
+            metrics["resumed_from_step"], resumed_from_step = resumed_from_step, None
         if rank == 0 and val_shard is not None:
             val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
             if cache_val and val_cache is None:
