@@ -443,4 +443,6 @@ def test_bf16_calibration_measures_bit_agreement(checkpoint, demo_small):
                            read_dataset_info(demo_small).to_json(), meta.config.to_dict(), None,
                            ("image", "text"), None, "cpu", rows=32)
     assert set(agreement) == {"image", "text"}
-    assert all(0.5 < v <= 1.0 for v in agreement.values()), agreement
+    # bf16 rounds a few relaxed codes that sit near 0 to the other side: measured 99.8-99.98% of the
+    # bits agree on CPUs with and without native bf16; far less would mean a broken autocast path.
+    assert all(0.98 <= v <= 1.0 for v in agreement.values()), agreement
