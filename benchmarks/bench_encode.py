@@ -179,12 +179,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     # Warm-up: the first job on a fresh Ray pays for starting worker processes and
                     # importing torch in them, which later jobs reuse; untimed, or it would make the
                     # small run look slow and the marginal rate meaningless.
-                    gpu = device.startswith("cuda")
-                    job_seconds(ckpt, subset(data, info, small, args.work_dir), args.work_dir, mod, args.batch, gpu)
-                    n1, t1 = job_seconds(ckpt, subset(data, info, small, args.work_dir), args.work_dir, mod,
-                                         args.batch, gpu)
-                    n2, t2 = job_seconds(ckpt, subset(data, info, large, args.work_dir), args.work_dir, mod,
-                                         args.batch, gpu)
+                    def job(rows: int) -> tuple[int, float]:
+                        return job_seconds(ckpt, subset(data, info, rows, args.work_dir), args.work_dir, mod,
+                                           args.batch, device.startswith("cuda"))
+
+                    job(small)
+                    (n1, t1), (n2, t2) = job(small), job(large)
                     rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")
                     results.append({"preset": preset, "kind": "job", "modality": mod, "rows": [n1, n2],
                                     "seconds": [round(t1, 1), round(t2, 1)], "marginal_items_s": rate,

@@ -442,11 +442,10 @@ def run_encode(
         columns = ["id"] + (["split"] if cfg.splits is not None else [])
         columns += [info.image_column] if "image" in modalities else []
         columns += [info.text_column] if "text" in modalities else []
-        from dcgh_dist.data.pipeline import footer_reader_actors
+        from dcgh_dist.data.pipeline import read_parquet
 
-        with footer_reader_actors(len(pending)):  # not 32 fresh actor processes per read
-            ds = ray.data.read_parquet([inp.files[i] for i in pending], filesystem=in_fs,
-                                       columns=columns, include_paths=True)
+        ds = read_parquet([inp.files[i] for i in pending], filesystem=in_fs, columns=columns,
+                          include_paths=True)
         if cfg.splits is not None:
             from ray.data.expressions import col
 
