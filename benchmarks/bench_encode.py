@@ -165,12 +165,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             logger.info("%s", results[-1])
 
     if not args.skip_job:
-        import ray
+        from dcgh_dist.ray_session import quiet_progress, ray_session
 
-        from dcgh_dist.encoding import connect_ray, quiet_progress
-
-        started = connect_ray()
-        try:
+        with ray_session():
             quiet_progress()
             for preset in presets:
                 ckpt = os.path.join(args.work_dir, f"ckpt-{preset}")
@@ -190,9 +187,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                     "seconds": [round(t1, 1), round(t2, 1)], "marginal_items_s": rate,
                                     "job_items_s": n2 / t2, "fixed_s": t1 - n1 / rate if rate == rate else None})
                     logger.info("%s", results[-1])
-        finally:
-            if started:
-                ray.shutdown()
 
     from bench_train import machine
 

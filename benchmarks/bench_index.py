@@ -218,21 +218,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import faiss
-    import ray
 
-    from dcgh_dist.encoding import connect_ray
+    from dcgh_dist.ray_session import ray_session
 
     os.makedirs(args.work_dir, exist_ok=True)
-    started = connect_ray(num_cpus=os.cpu_count())
     rows: list[dict] = []
-    try:
+    with ray_session(num_cpus=os.cpu_count()):
         for n in [parse_n(s) for s in args.n.split(",")]:
             if args.threads:
                 faiss.omp_set_num_threads(args.threads)
             bench_one(n, args, [t.strip() for t in args.types.split(",")], rows)
-    finally:
-        if started:
-            ray.shutdown()
     clock = "CPU time of the search thread" if faiss.omp_get_max_threads() == 1 else "wall time"
     print(f"\nmachine: {os.cpu_count()} cores, FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} search "
           f"thread(s), {clock}; {args.queries} queries (database codes with 2 bits flipped)")

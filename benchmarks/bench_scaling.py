@@ -84,17 +84,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    import ray
     import yaml
 
     import train as train_job  # jobs/train.py
     from bench_train import machine
-    from dcgh_dist.config import Config, TrainConfig
-    from dcgh_dist.train.runner import init_ray
+    from dcgh_dist.ray_session import ray_session
 
-    init_ray(Config(train=TrainConfig(ray_num_cpus=4)))
     rows = []
-    try:
+    with ray_session(num_cpus=4, dashboard=True):
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.settings:
                 t0 = time.time()
@@ -115,8 +112,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 with open(os.path.join(tmp, name, "config.yaml")) as f:  # the resolved config
                     preset = yaml.safe_load(f)["model"]["clip_preset"]
                 print(f"  {name}: {last['pairs_per_s']:.1f} pairs/s", flush=True)
-    finally:
-        ray.shutdown()
     base = rows[0]["pairs_per_s"]
     print(f"\nMachine: {machine()}; CLIP preset {preset}, {args.batch_size} pairs per worker per step, "
           f"demo {args.demo_size} pairs, last of {args.epochs} epochs\n")

@@ -14,6 +14,13 @@ nodes, each a real raylet with its own object store, every socket on loopback. `
 the daemon's PID and every process it spawned in ``<state-dir>/cluster.json``; ``stop`` ends that
 daemon (which shuts the nodes down) and then any recorded process still alive, and nothing else:
 unlike ``ray stop``, other Ray clusters on the machine are left alone.
+
+Every API of the cluster (dashboard, job submission, GCS) requires Ray's token authentication:
+loopback is not a security boundary on a shared machine, and an open job API runs any command
+for anyone who can reach the port. ``start`` writes a random token to ``<state-dir>/auth_token``
+(mode 0600) and prints the two variables a client sets to use it::
+
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.cache/dcgh_dist/local_cluster/auth_token
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,6 +55,25 @@ def _read_state(state_dir: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
+
+
+def _token_file(state_dir: str) -> str:
+    return os.path.join(state_dir, "auth_token")
+
+
+def ensure_auth_token(state_dir: str) -> str:
+    """The cluster's token file, created with a fresh random token (owner-only) if absent."""
+    path = _token_file(state_dir)
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """What a client (``ray job submit``, ``ray.init(address=...)``) needs to talk to the cluster."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["auth_token_path"]}
 
 
 def _alive(pid: int, create_time: float | None = None) -> bool:
@@ -103,6 +130,7 @@ def serve(args: argparse.Namespace) -> None:
         "dashboard": f"http://127.0.0.1:{args.dashboard_port}",
         "nodes": 1 + args.workers,
         "cpus_per_node": args.cpus_per_node,
+        "auth_token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
         "procs": [[p.pid, p.create_time()] for p in [me, *me.children(recursive=True)]],
     }
     tmp = _state_file(args.state_dir) + ".tmp"
@@ -125,13 +153,15 @@ def start(args: argparse.Namespace) -> dict:
         os.remove(_state_file(args.state_dir))
     if not args.dashboard_port:
         args.dashboard_port = _free_port()
+    token_path = ensure_auth_token(args.state_dir)
     log = open(os.path.join(args.state_dir, "cluster.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "_serve", "--state-dir", args.state_dir,
          "--workers", str(args.workers), "--cpus-per-node", str(args.cpus_per_node),
          "--dashboard-port", str(args.dashboard_port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # outlives this command
-        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+             "RAY_AUTH_TOKEN_PATH": token_path},
     )
     deadline = time.time() + args.timeout
     while (state := _read_state(args.state_dir)) is None:
@@ -144,7 +174,9 @@ def start(args: argparse.Namespace) -> dict:
     print(json.dumps(state, indent=2))
     print("\n(right after start the job agent may need a few seconds: if ray job submit answers "
           "'No available agent', submit again)")
-    print(f"\nsubmit jobs with:\n  ray job submit --address {state['dashboard']} --working-dir . -- "
+    exports = " ".join(f"{k}={v}" for k, v in client_env(state).items())
+    print(f"\nsubmit jobs with (the token authenticates every client):\n  export {exports}\n"
+          f"  ray job submit --address {state['dashboard']} --working-dir . -- "
           "python jobs/train.py --dataset demo\nstop with:\n  python cluster/local_cluster.py stop"
           + (f" --state-dir {args.state_dir}" if args.state_dir != DEFAULT_STATE_DIR else ""))
     return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class TrainConfig:
     # Where Ray Train writes reported checkpoints: a local/shared path or s3:// URI.
     # None = <output_dir>/ray_results.
     storage_path: str | None = None
+    # The run's directory under storage_path. None = a new name for every fresh run
+    # (<dataset>-<UTC time>-<random>), so runs sharing a storage path never touch each other's
+    # files; --resume finds the name in <output_dir>/run.json.
+    run_name: str | None = None
     log_every: int = 20
     select_on_val: bool = True
     # "ddp": torch DistributedDataParallel; "deepspeed": deepspeed.initialize with a config
@@ -173,7 +178,17 @@ class Config:
             raise ValueError("train.grad_accum_steps must be >= 1")
         if self.train.engine == "ddp" and self.train.precision == "fp16":
             raise ValueError("train.precision=fp16 needs train.engine=deepspeed (loss scaling); use bf16 with ddp")
+        name = self.train.run_name
+        if name is not None and not _RUN_NAME.fullmatch(name):
+            raise ValueError(
+                f"train.run_name must be one path component of letters, digits, '.', '_' or '-' "
+                f"(not starting with '.'), got {name!r}"
+            )
         return self
+
+
+# A run name becomes a directory under the storage path: one safe component, never '..'.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,13 +267,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _from_plain(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    def path(key: str) -> str:  # the dotted name a user types: model.bits
+        return f"{prefix}.{key}" if prefix else key
+
     unknown = set(data) - names
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {sorted(f'{prefix}{k}' for k in unknown)}; "
+            f"unknown config key(s) {sorted(path(k) for k in unknown)}; "
             f"valid keys under '{prefix or 'root'}': {sorted(names)}"
         )
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, path(k)) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -299,7 +317,10 @@ def load_config(
         merged = _deep_merge(merged, preset)
     if yaml_path is not None:
         with open(yaml_path) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{yaml_path}: not valid YAML ({e})".replace("\n", " ")) from e
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{yaml_path}: top level must be a mapping of sections")
         merged = _deep_merge(merged, loaded)

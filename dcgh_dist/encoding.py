@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -160,27 +159,6 @@ def _count_rows(fs: pafs.FileSystem, path: str, splits: Sequence[str] | None, wh
 # The model actor
 
 
-def read_checkpoint_files(checkpoint_dir: str) -> dict[str, bytes]:
-    """The files a model needs (weights + meta), to ship through the object store: actors on
-    other nodes need not see the driver's filesystem."""
-    out = {}
-    for name in ("model.pt", "meta.json"):
-        path = os.path.join(checkpoint_dir, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{checkpoint_dir}: not a checkpoint directory (no {name})")
-        with open(path, "rb") as f:
-            out[name] = f.read()
-    return out
-
-
-def _materialise_checkpoint(files: dict[str, bytes]) -> str:
-    d = tempfile.mkdtemp(prefix="dcgh-ckpt-")
-    for name, data in files.items():
-        with open(os.path.join(d, name), "wb") as f:
-            f.write(data)
-    return d
-
-
 def encode_relaxed(model, modality: str, x, precision: str):
     """Relaxed codes (float32 tensor) of one modality, in fp32 or under bf16 autocast."""
     import torch
@@ -203,7 +181,7 @@ def bit_agreement(model, modality: str, x) -> float:
 class CodeEncoder:
     """Ray Data actor: preprocessed batch -> packed codes per modality.
 
-    Loads the model once (via :class:`dcgh_dist.inference.HashEncoder`). Rows whose
+    Loads the model once, from the checkpoint's bytes, verified. Rows whose
     ``<modality>_error`` is non-empty are not run through the model; their code bytes are zero and
     the error travels on, so the driver can count and report them.
     """
@@ -219,15 +197,14 @@ class CodeEncoder:
         import ray
         import torch
 
-        from dcgh_dist.inference import HashEncoder
+        from dcgh_dist.train.checkpoint import model_from_files
 
         files = ray.get(checkpoint_ref[0]) if isinstance(checkpoint_ref[0], ray.ObjectRef) else checkpoint_ref[0]
-        ckpt = _materialise_checkpoint(files)
         if device == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
-        self.encoder = HashEncoder(ckpt, device=device, passthrough=())
-        self.model = self.encoder.model
-        self.device = self.encoder.device
+        self.device = torch.device(device)
+        # From the bytes in the object store: no per-actor copy of the checkpoint on disk.
+        self.model, _ = model_from_files(files, device=self.device)
         self.modalities = modalities
         self.precision = precision
         self.nbytes = self.model.bits // 8
@@ -357,13 +334,14 @@ def run_encode(
     import ray
     import ray.data
 
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.train.checkpoint import read_checkpoint_files, verify_files
 
     t0 = time.time()
     modalities = tuple(m for m in MODALITIES if m in modalities)
     if not modalities:
         raise ValueError("modality must be image, text or both")
-    meta = read_meta(checkpoint_dir)
+    ckpt_files = read_checkpoint_files(checkpoint_dir)
+    meta = verify_files(ckpt_files)  # weights match the fingerprint stamped on every code
     mcfg = meta.config
     bits = mcfg.model.bits
     inp = resolve_input(dataset_uri, s3_endpoint)
@@ -434,7 +412,6 @@ def run_encode(
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     precision, agreement = "fp32", None
-    ckpt_files = read_checkpoint_files(checkpoint_dir)
     if pending:
         precision, agreement = _choose_precision(cfg, use_gpu, ckpt_files, inp, info, mcfg, meta,
                                                  modalities, pending, s3_endpoint)
@@ -585,7 +562,7 @@ def _calibrate(ckpt_files, uri, path, info_json, cfg_dict, image_size, modalitie
     import torch
 
     from dcgh_dist.config import Config
-    from dcgh_dist.train.checkpoint import load_model
+    from dcgh_dist.train.checkpoint import model_from_files
 
     cfg = Config.from_dict(cfg_dict)
     info = DatasetInfo.from_json(info_json)
@@ -594,7 +571,7 @@ def _calibrate(ckpt_files, uri, path, info_json, cfg_dict, image_size, modalitie
     table = pq.ParquetFile(path, filesystem=fs).read_row_group(0, columns=cols).slice(0, rows)
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in cols}
     x = encode_preprocessor(cfg, info, tuple(modalities), image_size)(batch)
-    model, _ = load_model(_materialise_checkpoint(ckpt_files), device=device)
+    model, _ = model_from_files(ckpt_files, device=device)
     out = {}
     for m in modalities:
         key = model.image_key if m == "image" else model.text_key

@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from dcgh_dist.encoding import EncodeConfig, connect_ray, quiet_progress, run_encode
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.encoding import EncodeConfig, run_encode
+    from dcgh_dist.ray_session import quiet_progress, ray_session
+    from dcgh_dist.train.checkpoint import verified_meta
 
     overrides = {k: v for k, v in {
         "batch_size": args.batch_size, "concurrency": args.concurrency, "actor_cpus": args.actor_cpus,
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "splits": tuple(s.strip() for s in args.splits.split(",") if s.strip()) if args.splits else None,
     }.items() if v is not None}
     cfg = EncodeConfig(**overrides)
-    meta = read_meta(args.checkpoint)
+    meta = verified_meta(args.checkpoint)  # weights checked before any Ray start
     s3_endpoint = args.s3_endpoint or meta.config.data.s3_endpoint
     dataset = args.dataset
     if dataset == "demo":
@@ -80,15 +81,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                       meta.config.data.data_root)
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
 
-    import ray
-
-    started = connect_ray(args.ray_address, args.num_cpus, args.ray_temp_dir)
-    try:
+    with ray_session(args.ray_address, num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir):
         quiet_progress()
         result = run_encode(args.checkpoint, dataset, args.output, modalities, cfg, s3_endpoint=s3_endpoint)
-    finally:
-        if started:
-            ray.shutdown()
     out = json.loads(json.dumps(result.to_dict()))
     lines = [f"exactly-once check passed: {result.input_rows} input ids"]
     for m in result.modalities:
@@ -104,4 +99,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from dcgh_dist.cli import run_job
+
+    sys.exit(run_job(main))

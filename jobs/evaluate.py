@@ -118,17 +118,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     precision_k = tuple(int(k) for k in args.precision_k.split(",") if k.strip())
 
     if args.checkpoint:
-        import ray
+        from dcgh_dist.ray_session import quiet_progress, ray_session
 
-        from dcgh_dist.encoding import connect_ray, quiet_progress
-
-        started = connect_ray(args.ray_address, args.num_cpus)
-        try:
+        with ray_session(args.ray_address, num_cpus=args.num_cpus):
             quiet_progress()
             queries, index_uris = one_shot(args, dataset)
-        finally:
-            if started:
-                ray.shutdown()
     else:
         if not args.queries:
             raise SystemExit("give --queries with --index-image/--index-text, or --checkpoint with --work-dir")
@@ -199,4 +193,6 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dcgh_dist.cli import run_job
+
+    sys.exit(run_job(main))

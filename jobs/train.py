@@ -5,7 +5,9 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py --dataset coco
 
 Writes to --output-dir: checkpoint/ (selected on val), config.yaml, metrics.json (trained and
-"untrained" baseline), pr_curve.png, loss_curve.png, ray_results/ (Ray Train's run directory).
+"untrained" baseline), pr_curve.png, loss_curve.png, run.json (where the run's Ray Train checkpoints
+are: <train.storage_path, default ray_results/>/<run name>). Mistakes are reported as one
+"error: ..." line with exit code 2 (--debug shows the traceback), before Ray starts where they can be.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def build_config(args: argparse.Namespace):
 def print_table(metrics: dict, baseline: dict | None) -> str:
     rows = ["map_i2t", "map_t2i", "map_i2i", "map_t2t"]
     extra = sorted(k for k in metrics if k.startswith(("ndcg@", "p@")) and k.endswith(("_i2t", "_t2i")))
-    lines = [f"| metric | trained | untrained |", "|---|---|---|"]
+    lines = ["| metric | trained | untrained |", "|---|---|---|"]
     for k in rows + extra:
         b = f"{baseline[k]:.4f}" if baseline and k in baseline else "-"
         lines.append(f"| {k} | {metrics[k]:.4f} | {b} |")
@@ -90,19 +92,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = build_config(args)
 
     from dcgh_dist.evaluation import evaluate, write_pr_plot
-    from dcgh_dist.train.runner import init_ray, run_training
+    from dcgh_dist.ray_session import ray_session
+    from dcgh_dist.train.runner import plan_run, run_training
 
-    out = os.path.abspath(cfg.train.output_dir)
+    # Every check that needs no cluster runs first: a mistake costs seconds, not a Ray start.
+    plan = plan_run(cfg, resume=args.resume)
+    out = plan.output_dir
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write(cfg.to_yaml())
 
-    import ray
-
-    started = init_ray(cfg)
-    try:
+    with ray_session(cfg.train.ray_address, num_cpus=cfg.train.ray_num_cpus, dashboard=True):
         t0 = time.time()
-        outcome = run_training(cfg, resume=args.resume)
+        outcome = run_training(cfg, plan=plan)
         train_s = time.time() - t0
         info = outcome.scan.info
         logger.info("evaluating checkpoint (epoch %d) on the query split", outcome.selected_epoch)
@@ -111,9 +113,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not args.skip_baseline:
             logger.info("evaluating the untrained model the same way")
             baseline, base_curves = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
-    finally:
-        if started:
-            ray.shutdown()
 
     result = {
         **metrics,
@@ -159,4 +158,6 @@ def write_loss_plot(history: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dcgh_dist.cli import run_job
+
+    sys.exit(run_job(main))

@@ -22,6 +22,50 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DCGH_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 
+class ListenerWatch:
+    """Samples, in a thread, the listening TCP sockets of this process and all its descendants
+    (Ray's raylets, workers, dashboards): which addresses they bind, and who binds them."""
+
+    def __init__(self, interval: float = 0.3):
+        import threading
+
+        self.seen: dict[tuple[str, int], str] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                pids = {me.pid, *(p.pid for p in me.children(recursive=True))}
+                for c in psutil.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN and c.pid in pids and (c.laddr.ip, c.laddr.port) not in self.seen:
+                        try:
+                            name = " ".join(psutil.Process(c.pid).cmdline())[:80]
+                        except psutil.Error:
+                            name = str(c.pid)
+                        self.seen[(c.laddr.ip, c.laddr.port)] = name
+                self.samples += 1
+            except psutil.Error:
+                pass
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "ListenerWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def not_loopback(self) -> dict[tuple[str, int], str]:
+        return {a: n for a, n in self.seen.items() if a[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():
@@ -77,13 +121,7 @@ def ray_cluster():
     """
     import ray
 
-    from dcgh_dist.config import Config
-    from dcgh_dist.train.runner import init_ray
+    from dcgh_dist.ray_session import ray_session
 
-    cfg = Config()
-    started = init_ray(type(cfg)(train=type(cfg.train)(ray_num_cpus=4)))
-    try:
+    with ray_session(num_cpus=4, dashboard=True):
         yield ray
-    finally:
-        if started:
-            ray.shutdown()

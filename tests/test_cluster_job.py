@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -32,8 +34,19 @@ def test_job_submit_to_local_multinode_cluster(tmp_path, demo_small):
                      if c.status == psutil.CONN_LISTEN and c.pid in pids}
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
+        # nobody in without the token: the job API refuses, and runs nothing
+        marker = tmp_path / "marker"
+        req = urllib.request.Request(
+            f"{state['dashboard']}/api/jobs/", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"entrypoint": f"touch {marker}"}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code in (401, 403)
+        assert oct(os.stat(state["auth_token_path"]).st_mode & 0o777) == "0o600"
+
         out = tmp_path / "job-out"
-        env = {**os.environ, "RAY_ADDRESS": ""}  # the CLI must use --address, not a test cluster
+        # the CLI must use --address, not a test cluster; the token comes from the state dir
+        env = {**os.environ, "RAY_ADDRESS": "", **local_cluster.client_env(state)}
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
             "--address", state["dashboard"], "--working-dir", str(REPO),
@@ -53,6 +66,7 @@ def test_job_submit_to_local_multinode_cluster(tmp_path, demo_small):
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["history"][-1]["global_step"] == (600 // 2) // 32
         assert (out / "checkpoint" / "model.pt").exists()
+        assert not marker.exists()
     finally:
         local_cluster.main(["stop", "--state-dir", state_dir])
     # stop ended exactly what start started: nothing recorded is left

@@ -35,10 +35,12 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("model.bitz=3", "unknown config key"),
+        # the message keeps the dotted path the user typed
+        ("model.bitz=3", r"unknown config key\(s\) \['model.bitz'\]; valid keys under 'model'"),
         ("model.bits=12", "model.bits must be one of"),
-        ("loss.variance_mode=median", "not one of"),
-        ("optim.head_lr=fast", "expected a number"),
+        ("loss.variance_mode=median", "config loss.variance_mode: 'median' is not one of"),
+        ("optim.head_lr=fast", "config optim.head_lr: expected a number"),
+        ("train.epochs=abc", "config train.epochs: expected an integer"),
         ("train.epochs=0", "epochs"),
         ("nonsense", "section.key=value"),
     ],
@@ -46,6 +48,14 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 def test_bad_values_fail_loudly(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(overrides=[override])
+
+
+def test_broken_yaml_is_a_one_line_error_naming_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  bits: [32\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
 
 
 def test_parse_overrides_nests():

@@ -65,6 +65,13 @@ def _table(**cols):
         ({"labels": pa.array([[0], [3]], pa.list_(pa.int32()))}, r"row id 11: column 'labels' has 3, outside 0..2"),
         ({"labels": pa.array([[0], []], pa.list_(pa.int32()))}, r"row id 11: column 'labels' is empty"),
         ({"split": pa.array(["train", "test"])}, r"row id 11: column 'split' is 'test'"),
+        # wrong kinds of type: each would train silently on reinterpreted data, or crash in a worker
+        ({"labels": pa.array([[0.0], [1.0]], pa.list_(pa.float32()))},
+         r"column 'labels' is list<\w+: float>, expected list<int32>"),
+        ({"labels": pa.array([["a"], ["b"]], pa.list_(pa.string()))}, r"column 'labels' is list<\w+: string>"),
+        ({"text": pa.array([1, 2], pa.int64())}, r"column 'text' is int64, expected string"),
+        ({"image": pa.array(["a.jpg", "b.jpg"])}, r"column 'image' is string, expected binary"),
+        ({"id": pa.array(["10", "11"])}, r"column 'id' is string, expected int64"),
     ],
 )
 def test_validation_errors_name_file_row_and_column(tmp_path, cols, match):

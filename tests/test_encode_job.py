@@ -434,7 +434,8 @@ def test_bf16_calibration_measures_bit_agreement(checkpoint, demo_small):
     """The calibration the encode job runs (in a GPU task on GPU clusters) before choosing bf16:
     here on CPU, where bf16 autocast also exists. No GPU is lent to CI."""
     from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.encoding import _calibrate, read_checkpoint_files
+    from dcgh_dist.encoding import _calibrate
+    from dcgh_dist.train.checkpoint import read_checkpoint_files
     from dcgh_dist.train.checkpoint import read_meta
 
     meta = read_meta(checkpoint)

@@ -14,6 +14,9 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from conftest import ListenerWatch
+from dcgh_dist.train.runner import run_directory
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
 
@@ -30,11 +33,15 @@ def test_deepspeed_two_workers_zero2_bf16_then_resume(tmp_path, demo_small, ray_
     args = ["--dataset", demo_small, "--output-dir", str(out), "--num-workers", "2", "--skip-baseline",
             *SMALL, "train.engine=deepspeed", "train.precision=bf16", "train.zero_stage=2",
             "train.cpus_per_worker=1"]
-    first = train_job.main([*args, "--epochs", "2"])
+    with ListenerWatch() as sockets:
+        first = train_job.main([*args, "--epochs", "2"])
+    # every socket the run opened (the workers' rendezvous store and gloo among them) is on loopback
+    assert sockets.samples > 5 and sockets.seen
+    assert not sockets.not_loopback(), sockets.not_loopback()
     steps = (600 // 2) // 32  # per worker: half the 600 training rows, full batches only
     assert [h["global_step"] for h in first["history"]] == [steps, 2 * steps]
     assert first["history"][-1]["loss_total"] < first["history"][0]["loss_total"]
-    run_dir = out / "ray_results" / "train"
+    run_dir = Path(run_directory(str(out)))
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").exists())
     assert ckpts and all((p / "deepspeed").is_dir() for p in ckpts)  # per-rank ZeRO state
     # the exported weights are fp32 and load into a plain model
@@ -71,7 +78,9 @@ def test_train_from_s3_with_checkpoints_on_s3(tmp_path, demo_small, s3_server, r
     ])
     assert result["dataset"] == f"{bucket}/datasets/demo"
     assert result["num_query"] == 120 and result["num_database"] == 1080
-    stored = [f.path for f in fs.get_file_info(pafs.FileSelector("dcgh-train/runs/train", recursive=True))]
+    run_dir = run_directory(str(out))
+    assert run_dir.startswith(f"{bucket}/runs/")
+    stored = [f.path for f in fs.get_file_info(pafs.FileSelector(run_dir.removeprefix("s3://"), recursive=True))]
     assert any(p.endswith("/model.pt") for p in stored), stored
     assert any(p.endswith("/meta.json") for p in stored)
     # the exported checkpoint came back from S3 with the config that trained it

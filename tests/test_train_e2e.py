@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dcgh_dist.train.runner import run_directory
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
 
@@ -99,7 +101,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninte
     # snapshot): files of a checkpoint whose report the controller had not yet collected may
     # appear on disk first, and a restart rightly ignores those.
     deadline = time.time() + 600
-    run_dir = out / "ray_results" / "train"
+    run_dir = Path(run_directory(str(out)))
     registered: list = []
     while not registered:
         assert thread.is_alive(), box.get("error")

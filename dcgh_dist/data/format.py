@@ -236,6 +236,33 @@ def validate_table(table: pa.Table, info: DatasetInfo, where: str, *, row_offset
             )
 
 
+def _is_list_of(t: pa.DataType, pred) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and pred(t.value_type)
+
+
+# What each column may be stored as (a narrower or wider Arrow type of the same kind is fine;
+# another kind would be silently reinterpreted or fail deep inside a Ray worker).
+_COLUMN_TYPES = {
+    "id": ("int64 (any integer type)", pa.types.is_integer),
+    "labels": ("list<int32> (a list of any integer type)", lambda t: _is_list_of(t, pa.types.is_integer)),
+    "split": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+              or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))),
+    "image": ("binary (encoded JPEG/PNG bytes)", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    "text": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    "image_features": ("list<float32>", lambda t: _is_list_of(t, pa.types.is_floating)),
+    "text_features": ("list<float32>", lambda t: _is_list_of(t, pa.types.is_floating)),
+}
+
+
+def check_schema(schema: pa.Schema, info: DatasetInfo, where: str) -> None:
+    """Each format column has a type of the right kind; the message names file, column, types."""
+    for name in info.columns:
+        expected, ok = _COLUMN_TYPES[name]
+        t = schema.field(name).type
+        if not ok(t):
+            raise DatasetError(f"{where}: column {name!r} is {t}, expected {expected}")
+
+
 @dataclass
 class DatasetScan:
     """What a cheap pass over the light columns tells us (no images decoded)."""
@@ -277,6 +304,7 @@ def scan_dataset(uri: str, s3_endpoint: str | None = None, *, check_ids: bool = 
             raise DatasetError(
                 f"{where}: missing column(s) {missing}; dataset.json says the columns are {info.columns}"
             )
+        check_schema(schema, info, where)
         table = pq.read_table(path, filesystem=fs, columns=light)
         validate_table(table, info, where)
         per_file[path] = table.num_rows

@@ -13,6 +13,7 @@ Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -103,29 +104,103 @@ def save_checkpoint(
         f.write(meta.to_json())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message says which file and why."""
+
+
 def read_meta(path: str) -> CheckpointMeta:
+    """The checkpoint's meta.json alone (no weights read, nothing verified: see verified_meta)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no meta.json)")
     with open(meta_path) as f:
-        return CheckpointMeta.from_json(f.read(), where=meta_path)
+        return _parse_meta(f.read(), meta_path)
+
+
+def _parse_meta(text: str, where: str) -> CheckpointMeta:
+    try:
+        return CheckpointMeta.from_json(text, where=where)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: malformed checkpoint metadata ({type(e).__name__}: {e})") from e
 
 
 def load_state(path: str, name: str) -> dict[str, Any]:
     file = os.path.join(path, name)
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: checkpoint has no {name}")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    with open(file, "rb") as f:
+        return _load_bytes(f.read(), file)
+
+
+def _load_bytes(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a file that is not its own
+        raise CheckpointError(f"{where}: not a loadable weights file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_checkpoint_files(path: str) -> dict[str, bytes]:
+    """The files a model needs (weights + meta), as bytes: shipped through Ray's object store,
+    actors on other nodes need not see the driver's filesystem, and nothing is copied to disk."""
+    out = {}
+    for name in ("model.pt", "meta.json"):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path}: not a checkpoint directory (no {name})")
+        with open(file, "rb") as f:
+            out[name] = f.read()
+    out["where"] = path.encode()
+    return out
+
+
+def model_from_files(files: dict[str, bytes], *, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from ``read_checkpoint_files``' bytes, the weights verified
+    against the fingerprint in meta.json."""
+    where = files.get("where", b"checkpoint").decode()
+    meta = _parse_meta(files["meta.json"].decode("utf-8"), f"{where}/meta.json")
+    state = _load_bytes(files["model.pt"], f"{where}/model.pt")
+    check_fingerprint(state, meta, where)
+    model = build_model_for(meta)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{where}/model.pt: weights do not fit the architecture meta.json describes ({e})"
+        ) from e
+    return model.to(device).eval(), meta
+
+
+def check_fingerprint(state: dict[str, torch.Tensor], meta: CheckpointMeta, where: str) -> None:
+    """The weights must be the ones meta.json's fingerprint names: codes, manifests and the
+    server all trust that fingerprint to tell models apart."""
+    actual = state_fingerprint(state)
+    if meta.fingerprint and actual != meta.fingerprint:
+        raise CheckpointError(
+            f"{where}: model.pt's weights hash to {actual} but meta.json says {meta.fingerprint}: "
+            "model.pt was replaced or meta.json belongs to another checkpoint"
+        )
+
+
+def verify_files(files: dict[str, bytes]) -> CheckpointMeta:
+    """meta.json of ``read_checkpoint_files``' bytes, after checking that model.pt loads and its
+    weights match the fingerprint: a job calls this before it starts Ray or any actor."""
+    where = files.get("where", b"checkpoint").decode()
+    meta = _parse_meta(files["meta.json"].decode("utf-8"), f"{where}/meta.json")
+    check_fingerprint(_load_bytes(files["model.pt"], f"{where}/model.pt"), meta, where)
+    return meta
+
+
+def verified_meta(path: str) -> CheckpointMeta:
+    """meta.json, after checking that model.pt's weights match its fingerprint."""
+    return verify_files(read_checkpoint_files(path))
 
 
 def load_model(path: str, *, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta) from a checkpoint directory."""
-    from dcgh_dist.models import build_model
-
-    meta = read_meta(path)
-    model = build_model_for(meta)
-    model.load_state_dict(load_state(path, "model.pt"))
-    return model.to(device).eval(), meta
+    """(model in eval mode, meta) from a checkpoint directory, weights verified."""
+    return model_from_files(read_checkpoint_files(path), device=device)
 
 
 def architecture_of(model) -> dict[str, Any]:

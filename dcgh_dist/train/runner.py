@@ -7,54 +7,20 @@ started, bound to 127.0.0.1) and inside ``ray job submit`` on a real cluster (it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
-import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from dcgh_dist.config import Config
-from dcgh_dist.data.format import DatasetScan, scan_dataset
+from dcgh_dist.data.format import DATABASE_SPLITS, DatasetScan, scan_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def init_ray(cfg: Config) -> bool:
-    """Join the configured/ambient cluster, or start a local one. Returns True if we started it.
-
-    A local cluster is bound to 127.0.0.1 and gets ``ray_num_cpus`` logical CPUs (default
-    max(4, cores)): with exactly as many logical CPUs as cores, training workers that hold every
-    CPU starve the Ray Data tasks feeding them and the run hangs.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-    # Keep every Ray socket on loopback when we start the cluster ourselves.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        # Joining a cluster (e.g. inside `ray job submit`): the job's runtime env applies, and
-        # passing another here conflicts with it. Set env vars with --runtime-env-json.
-        ray.init(address=address, log_to_driver=True)
-        return False
-    num_cpus = cfg.train.ray_num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(
-        num_cpus=num_cpus,
-        # Ray Train's controller watches its actors through the State API, which the dashboard
-        # serves; without it the logs fill with "State API may be temporarily unavailable".
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        # Loopback only. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does the same but is read when ray is
-        # first imported, which a library cannot guarantee to precede.
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
-    return True
 
 
 def resolve_dataset(cfg: Config) -> str:
@@ -76,16 +42,6 @@ def resolve_dataset(cfg: Config) -> str:
     )
 
 
-def quiet_data_progress() -> None:
-    """One overall progress bar per Ray Data execution, none per operator: the training loop
-    logs its own progress, and per-operator bars flood non-interactive logs (ray job logs, CI)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_operator_progress_bars = False
-    ctx.enable_progress_bars = sys.stderr.isatty()
-
-
 @dataclass
 class TrainOutcome:
     checkpoint_dir: str  # the selected checkpoint (best val mAP, else last), copied locally
@@ -101,17 +57,29 @@ def steps_per_epoch(train_rows: int, batch_size: int, num_workers: int) -> int:
     return (train_rows // num_workers) // batch_size
 
 
-def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass
+class RunPlan:
+    """Everything about a run that can be checked before Ray starts."""
 
-    from dcgh_dist.data.pipeline import read_split
-    from dcgh_dist.train.loop import train_loop_per_worker
+    uri: str
+    scan: DatasetScan
+    steps_per_epoch: int
+    has_val: bool
+    output_dir: str
+    storage: str
+    run_name: str
+    resume_ckpt: Any = None  # ray.train.Checkpoint of the run to continue
 
-    quiet_data_progress()
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.run_name}"
+
+
+def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
+    """Resolve and validate the dataset, choose the run directory, check a resume: every mistake
+    a user can make surfaces here, in seconds, not after a Ray start or an hour of training."""
     uri = resolve_dataset(cfg)
     scan = scan_dataset(uri, cfg.data.s3_endpoint)
-    info = scan.info
     n_train = scan.split_counts["train"]
     spe = steps_per_epoch(n_train, cfg.data.batch_size, cfg.train.num_workers)
     if spe < 1:
@@ -119,25 +87,87 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
             f"{uri}: {n_train} train rows are too few for batch size {cfg.data.batch_size} x "
             f"{cfg.train.num_workers} worker(s); lower data.batch_size"
         )
+    n_db = sum(scan.split_counts[s] for s in DATABASE_SPLITS)
+    if scan.split_counts["query"] == 0 or n_db == 0:
+        raise ValueError(
+            f"{uri}: the job evaluates queries against a retrieval database, but the dataset has "
+            f"{scan.split_counts['query']} 'query' rows and {n_db} database rows (splits "
+            f"{scan.split_counts}); see docs/DATASET_FORMAT.md"
+        )
+    has_val = scan.split_counts["val"] > 1 and cfg.train.select_on_val
+    output_dir = os.path.abspath(cfg.train.output_dir)
+    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
+    name = choose_run_name(cfg, output_dir, storage, resume=resume, dataset=uri)
+    plan = RunPlan(uri, scan, spe, has_val, output_dir, storage, name)
+    if resume:
+        plan.resume_ckpt = latest_checkpoint(plan.run_dir, cfg)
+        if plan.resume_ckpt is None:
+            logger.warning("--resume: no checkpoint under %s; starting fresh", plan.run_dir)
+        else:
+            check_resumable(plan.resume_ckpt, cfg, scan.info)
+            logger.info("--resume: continuing from %s", plan.resume_ckpt.path)
+    elif _exists(plan.run_dir, cfg):
+        # Ray Train would silently continue whatever it finds there; and deleting it could
+        # destroy another run's checkpoints or the user's files. Neither: refuse.
+        raise ValueError(
+            f"run directory {plan.run_dir} already exists: pass --resume to continue that run, or "
+            "choose another train.run_name (leave it unset for a new name per run)"
+        )
+    return plan
+
+
+def check_resumable(ckpt, cfg: Config, info) -> None:
+    """The checkpoint must fit the model this config builds: name what changed, not torch's
+    'size mismatch' from inside a worker."""
+    import pyarrow.fs as pafs
+
+    from dcgh_dist.train.checkpoint import CheckpointMeta
+
+    fs = ckpt.filesystem or pafs.LocalFileSystem()
+    with fs.open_input_stream(f"{ckpt.path}/meta.json") as f:
+        meta = CheckpointMeta.from_json(f.read().decode(), where=f"{ckpt.path}/meta.json")
+    was, now = meta.config.model, cfg.model
+    changed = [f"model.{k}: {getattr(was, k)!r} -> {getattr(now, k)!r}"
+               for k in was.__dataclass_fields__ if k != "pretrained" and getattr(was, k) != getattr(now, k)]
+    if meta.dataset_info.num_classes != info.num_classes:
+        changed.append(f"dataset classes: {meta.dataset_info.num_classes} -> {info.num_classes}")
+    if changed:
+        raise ValueError(
+            f"--resume: the checkpoint at {ckpt.path} was trained with another model ({'; '.join(changed)}); "
+            "resume with the settings it was trained with, or start a new run without --resume"
+        )
+
+
+def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = None) -> TrainOutcome:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dcgh_dist.data.pipeline import read_split
+    from dcgh_dist.train.loop import train_loop_per_worker
+    from dcgh_dist.train.process_group import NodeBoundTorchConfig
+
+    from dcgh_dist.ray_session import quiet_progress
+
+    plan = plan or plan_run(cfg, resume=resume)
+    quiet_progress()
+    uri, scan, spe, has_val, storage = plan.uri, plan.scan, plan.steps_per_epoch, plan.has_val, plan.storage
+    info = scan.info
     logger.info(
-        "dataset %s: %s; %d steps/epoch x %d epochs", uri, scan.split_counts, spe, cfg.train.epochs
+        "dataset %s: %s; %d steps/epoch x %d epochs; run directory %s", uri, scan.split_counts, spe,
+        cfg.train.epochs, plan.run_dir,
     )
 
     datasets = {
         "train": read_split(uri, info, cfg, ["train"], augment=cfg.data.augment, shuffle_files=True,
                             files=scan.files),
     }
-    has_val = scan.split_counts["val"] > 1 and cfg.train.select_on_val
     if has_val:
         datasets["val"] = read_split(uri, info, cfg, ["val"], files=scan.files)
 
-    output_dir = os.path.abspath(cfg.train.output_dir)
+    output_dir = plan.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
-    name = "train"
-    run_dir = f"{storage.rstrip('/')}/{name}"
     run_config = ray.train.RunConfig(
-        name=name,
+        name=plan.run_name,
         # with an explicit filesystem Ray wants the bare "bucket/prefix" path, not the URI
         storage_path=_storage_path(storage),
         storage_filesystem=_storage_filesystem(storage, cfg),
@@ -148,15 +178,8 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
-    resume_ckpt = None
-    if resume:
-        resume_ckpt = latest_checkpoint(run_dir, cfg)
-        if resume_ckpt is None:
-            logger.warning("--resume: no checkpoint under %s; starting fresh", run_dir)
-        else:
-            logger.info("--resume: continuing from %s", resume_ckpt.path)
-    else:
-        _clear_run_dir(run_dir, cfg)  # a fresh run must not pick up an old run's checkpoints
+    resume_ckpt = plan.resume_ckpt
+    write_run_record(output_dir, plan.run_name, storage)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -176,6 +199,8 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **(
                 {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})},
         ),
+        # rank 0's rendezvous store on the node's address, not on every interface
+        torch_config=NodeBoundTorchConfig(),
         run_config=run_config,
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -186,12 +211,10 @@ def run_training(cfg: Config, *, resume: bool = False) -> TrainOutcome:
 
     chosen = _select_checkpoint(result, has_val)
     dest = os.path.join(output_dir, "checkpoint")
-    if os.path.isdir(dest):
-        shutil.rmtree(dest)
     with chosen.as_directory() as d:
         # The exported checkpoint is what evaluation, encoding and serving need: weights,
         # proxies, meta. Optimizer and DeepSpeed state stay in the run directory.
-        shutil.copytree(d, dest, ignore=shutil.ignore_patterns("train_state.pt", "deepspeed"))
+        export_checkpoint(d, dest)
     from dcgh_dist.train.checkpoint import read_meta
 
     meta = read_meta(dest)
@@ -229,13 +252,83 @@ def _storage_path(uri: str) -> str:
     return uri[len("s3://"):] if uri.startswith("s3://") else uri
 
 
-def _clear_run_dir(run_dir: str, cfg: Config) -> None:
+RUN_RECORD = "run.json"
+
+
+def choose_run_name(cfg: Config, output_dir: str, storage: str, *, resume: bool, dataset: str) -> str:
+    """The run directory's name under ``storage``: the configured one; with ``--resume``, the one
+    ``<output_dir>/run.json`` recorded for the same storage; else a new, unique one."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    if resume:
+        record = read_run_record(output_dir)
+        if record and record.get("storage_path") == storage:
+            return record["run_name"]
+        if record:
+            logger.warning("--resume: %s/%s names storage %s, not %s; starting a new run",
+                           output_dir, RUN_RECORD, record.get("storage_path"), storage)
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(dataset.rstrip("/")) or "run").strip("-")
+    return f"{base[:48] or 'run'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def read_run_record(output_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(output_dir, RUN_RECORD)) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{output_dir}/{RUN_RECORD}: unreadable ({e}); remove it to start afresh") from e
+    if not isinstance(record, dict) or not isinstance(record.get("run_name"), str):
+        raise ValueError(f"{output_dir}/{RUN_RECORD}: not a run record (no run_name)")
+    return record
+
+
+def write_run_record(output_dir: str, run_name: str, storage: str) -> None:
+    import pyarrow.fs as pafs
+
+    from dcgh_dist.data.format import write_text_atomic
+
+    record = {"run_name": run_name, "storage_path": storage, "run_dir": f"{storage.rstrip('/')}/{run_name}",
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_text_atomic(pafs.LocalFileSystem(), os.path.join(output_dir, RUN_RECORD), json.dumps(record, indent=2))
+
+
+def run_directory(output_dir: str) -> str | None:
+    """Where the run whose outputs are in ``output_dir`` keeps its Ray Train checkpoints."""
+    record = read_run_record(output_dir)
+    return record["run_dir"] if record else None
+
+
+def export_checkpoint(src: str, dest: str) -> None:
+    """Copy the selected checkpoint to ``dest``, replacing only an earlier export (a directory
+    holding a dcgh-dist checkpoint's meta.json), never other files."""
+    if os.path.lexists(dest):
+        from dcgh_dist.train.checkpoint import read_meta
+
+        try:
+            read_meta(dest)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"{dest} exists and is not a checkpoint this job exported ({e}); move it away or "
+                "choose another --output-dir"
+            ) from e
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train_state.pt", "deepspeed"))
+    if os.path.isdir(dest):
+        old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dest)
+
+
+def _exists(run_dir: str, cfg: Config) -> bool:
     import pyarrow.fs as pafs
 
     fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
-    path = _storage_path(run_dir)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+    return fs.get_file_info(_storage_path(run_dir)).type != pafs.FileType.NotFound
 
 
 def latest_checkpoint(run_dir: str, cfg: Config):

@@ -1,0 +1,146 @@
+"""Runs own their directories: a run never deletes what it did not create (storage shared or not)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcgh_dist.config import Config, load_config
+from dcgh_dist.train.runner import choose_run_name, export_checkpoint, read_run_record, run_directory
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+
+def test_fresh_runs_get_distinct_names_and_resume_finds_its_own(tmp_path):
+    cfg = Config()
+    storage = str(tmp_path / "store")
+    names = {choose_run_name(cfg, str(tmp_path / "o"), storage, resume=False, dataset="/data/coco")
+             for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("coco-") for n in names)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"run_name": "coco-1", "storage_path": storage,
+                                              "run_dir": f"{storage}/coco-1"}))
+    assert choose_run_name(cfg, str(out), storage, resume=True, dataset="/data/coco") == "coco-1"
+    # another storage path: not that run
+    other = choose_run_name(cfg, str(out), str(tmp_path / "elsewhere"), resume=True, dataset="/data/coco")
+    assert other != "coco-1"
+    assert run_directory(str(out)) == f"{storage}/coco-1"
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "../victim", ".hidden", ""])
+def test_run_name_must_be_one_safe_component(bad):
+    with pytest.raises(ValueError, match="train.run_name"):
+        load_config(overrides={"train": {"run_name": bad}})
+
+
+def test_broken_run_record_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="run.json"):
+        read_run_record(str(tmp_path))
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"w")
+    (src / "train_state.pt").write_bytes(b"optimizer")
+    dest = tmp_path / "checkpoint"
+    dest.mkdir()
+    (dest / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match="not a checkpoint this job exported"):
+        export_checkpoint(str(src), str(dest))
+    assert (dest / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small, ray_cluster):
+    """The README recommends one shared storage path on clusters: two runs there, a user's file
+    beside them, and a directory named like the old fixed run name all survive."""
+    import train as train_job
+
+    storage = tmp_path / "shared"
+    (storage / "train" / "mydata").mkdir(parents=True)
+    (storage / "train" / "mydata" / "results.csv").write_text("a,b\n1,2\n")
+    common = ["--dataset", demo_small, "--epochs", "1", "--bits", "16", "--batch-size", "64",
+              "--skip-baseline", "model.clip_preset=tiny", f"train.storage_path={storage}"]
+    train_job.main([*common, "--output-dir", str(tmp_path / "a")])
+    train_job.main([*common, "--output-dir", str(tmp_path / "b")])
+    run_a, run_b = run_directory(str(tmp_path / "a")), run_directory(str(tmp_path / "b"))
+    assert run_a != run_b
+    for run in (run_a, run_b):
+        assert list(Path(run).glob("checkpoint_*/meta.json")), run
+    assert (storage / "train" / "mydata" / "results.csv").read_text() == "a,b\n1,2\n"
+    # a fresh run naming an existing directory is refused, and deletes nothing
+    with pytest.raises(ValueError, match="already exists"):
+        train_job.main([*common, "--output-dir", str(tmp_path / "c"), "train.run_name=train"])
+    assert (storage / "train" / "mydata" / "results.csv").exists()
+
+
+def _tiny_dataset(root: Path, splits: list[str]) -> str:
+    import io
+
+    from PIL import Image
+
+    from dcgh_dist.data.format import DatasetInfo, write_dataset
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    info = DatasetInfo(name="t", num_classes=2, class_names=("a", "b"))
+    write_dataset(str(root), info, [{"id": i, "labels": [i % 2], "split": s, "image": buf.getvalue(),
+                                     "text": f"t{i}"} for i, s in enumerate(splits)])
+    return str(root)
+
+
+def test_dataset_without_queries_fails_before_any_training(tmp_path):
+    from dcgh_dist.train.runner import plan_run
+
+    uri = _tiny_dataset(tmp_path / "d", ["train"] * 40 + ["db"] * 10)
+    cfg = load_config(overrides={"data": {"dataset": uri, "batch_size": 8},
+                                 "train": {"output_dir": str(tmp_path / "o")}})
+    with pytest.raises(ValueError, match=r"0 'query' rows"):
+        plan_run(cfg)
+
+
+def test_resume_with_other_model_settings_names_them(tmp_path):
+    from dcgh_dist.data.format import read_dataset_info
+    from dcgh_dist.train.checkpoint import CheckpointMeta
+    from dcgh_dist.train.runner import plan_run
+
+    uri = _tiny_dataset(tmp_path / "d", ["train"] * 40 + ["query"] * 5 + ["db"] * 5)
+    out = tmp_path / "o"
+    storage = out / "ray_results"
+    ckpt = storage / "run1" / "checkpoint_000000"
+    ckpt.mkdir(parents=True)
+    trained = load_config(overrides={"data": {"dataset": uri}, "model": {"bits": 64}})
+    (ckpt / "meta.json").write_text(CheckpointMeta(trained, read_dataset_info(uri), epoch=1).to_json())
+    (out / "run.json").write_text(json.dumps({"run_name": "run1", "storage_path": str(storage),
+                                              "run_dir": str(storage / "run1")}))
+    cfg = load_config(overrides={"data": {"dataset": uri, "batch_size": 8}, "model": {"bits": 32},
+                                 "train": {"output_dir": str(out)}})
+    with pytest.raises(ValueError, match=r"model.bits: 64 -> 32"):
+        plan_run(cfg, resume=True)
+    # the same settings resume
+    same = load_config(overrides={"data": {"dataset": uri, "batch_size": 8}, "model": {"bits": 64},
+                                  "train": {"output_dir": str(out)}})
+    assert plan_run(same, resume=True).resume_ckpt.path.endswith("checkpoint_000000")
+
+
+def test_train_job_mistakes_are_one_line_before_ray(tmp_path):
+    import subprocess
+    import time
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--dataset", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset ")
+    assert "Traceback" not in proc.stderr and time.time() - t0 < 60
+    debug = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--dataset", str(tmp_path / "missing"),
+                            "--debug"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
