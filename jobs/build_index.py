@@ -8,7 +8,10 @@ Index types: ``flat`` (exact), ``ivf`` (IndexBinaryIVF, approximate, fast at lar
 ``multihash`` (IndexBinaryMultiHash: exact radius search up to nhash * (nflip + 1) - 1). Writes
 ``OUTPUT/shards/<build>/shard-NNNNN.faissindex`` and, last and atomically, ``OUTPUT/manifest.json``
 (bits, type and parameters, every shard's URI, rows, id range and sha256, the model fingerprint
-and config). Search it with ``dcgh_dist.index.ShardedIndex.open(OUTPUT)``; see docs/INDEX.md.
+and config). A rebuild keeps the shards of ``--keep-builds`` builds (default 2: the new one and the
+previous one, for servers still reading the previous manifest) and refuses to run while another
+build holds ``OUTPUT/build.lock``. Search it with ``dcgh_dist.index.ShardedIndex.open(OUTPUT)``;
+see docs/INDEX.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import json
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if TYPE_CHECKING:
+    from dcgh_dist.index.manifest import IndexConfig
 
 logger = logging.getLogger("dcgh_dist.jobs.build_index")
 
@@ -39,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mh-nflip", type=int, help="multihash: bit flips probed (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--task-cpus", type=float, help="CPUs (FAISS threads) per build task (default 1)")
+    p.add_argument("--keep-builds", type=int,
+                   help="builds whose shards are kept, this one included (default 2: a reader of the "
+                        "previous manifest keeps working); older builds of this index are deleted")
     p.add_argument("--checkpoint", help="the model's checkpoint: pins its fingerprint and config in the "
                                         "manifest (must match the codes' own, when they carry one)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// URIs")
@@ -48,6 +57,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def index_config(args: argparse.Namespace) -> IndexConfig:
+    """The IndexConfig the flags ask for; flags not given keep its defaults."""
+    from dcgh_dist.index.manifest import IndexConfig
+
+    fields = {
+        "index_type": args.index, "shard_size": args.shard_size, "nlist": args.nlist,
+        "nprobe": args.nprobe, "train_size": args.train_size, "mh_nhash": args.mh_nhash,
+        "mh_bits_per_hash": args.mh_bits_per_hash, "mh_nflip": args.mh_nflip, "seed": args.seed,
+        "task_cpus": args.task_cpus, "keep_builds": args.keep_builds,
+    }
+    return IndexConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -55,15 +77,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from dcgh_dist.encoding import connect_ray
     from dcgh_dist.index.build import build_index
-    from dcgh_dist.index.manifest import IndexConfig
+    from dcgh_dist.index.manifest import manifest_location
 
-    fields = {
-        "index_type": args.index, "shard_size": args.shard_size, "nlist": args.nlist,
-        "nprobe": args.nprobe, "train_size": args.train_size, "mh_nhash": args.mh_nhash,
-        "mh_bits_per_hash": args.mh_bits_per_hash, "mh_nflip": args.mh_nflip, "seed": args.seed,
-        "task_cpus": args.task_cpus,
-    }
-    cfg = IndexConfig(**{k: v for k, v in fields.items() if v is not None})
+    cfg = index_config(args)
     fingerprint = config = None
     if args.checkpoint:
         from dcgh_dist.train.checkpoint import read_meta
@@ -85,9 +101,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"| {cfg.index_type} | {len(manifest.shards)} | {manifest.num_items} | {manifest.bits} | "
           f"{size / max(1, manifest.num_items):.2f} | {manifest.model_fingerprint} | "
           f"{manifest.extra.get('build_seconds')} |", flush=True)
-    print(f"manifest: {args.output.rstrip('/')}/manifest.json", flush=True)
+    print(f"manifest: {manifest_location(args.output.rstrip('/'))}", flush=True)
     return json.loads(manifest.to_json())
 
 
 if __name__ == "__main__":
-    main()
+    from dcgh_dist.cli import run_job
+
+    sys.exit(run_job(main))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +28,7 @@ from dcgh_dist.index import (
 )
 from dcgh_dist.index.build import build_index
 from dcgh_dist.index.codes import code_shard_meta, codes_table, pack_relaxed, read_code_shard
+from dcgh_dist.index.manifest import BuildConflictError, read_manifest, resolve_shard_uri
 from dcgh_dist.metrics import binarize, hamming_distance
 
 BITS = 64
@@ -325,17 +327,232 @@ def test_build_refuses_bad_inputs(code_dir, tmp_path):
         build_index(str(mixed), str(tmp_path / "d"), IndexConfig(), use_ray=False)
 
 
-def test_rebuild_replaces_shards_atomically(code_dir, tmp_path):
-    root, ids, codes = code_dir
+def test_rebuild_keeps_the_previous_build_for_its_readers(code_dir, tmp_path):
+    """keep_builds=2 (default): a rebuild keeps the previous build's shards, so a reader that
+    still holds the previous manifest can (re)open them; the build after deletes them."""
+    root, _, _ = code_dir
     d = str(tmp_path / "idx")
     m1 = build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
-    reader = ShardedIndex.open(d)  # holds the first build (memory-mapped)
+    old_manifest = Path(d, "manifest.json").read_text()
     m2 = build_index(root, d, IndexConfig(shard_size=600), use_ray=False)
-    assert m1.build_id != m2.build_id
-    assert not os.path.exists(os.path.join(d, "shards", m1.build_id))
-    assert sorted(os.listdir(os.path.join(d, "shards"))) == [m2.build_id]
+    assert m1.build_id != m2.build_id and m2.retained_builds == [m2.build_id, m1.build_id]
+    assert sorted(os.listdir(os.path.join(d, "shards"))) == sorted([m1.build_id, m2.build_id])
+    Path(d, "previous.json").write_text(old_manifest)  # what a long-running server still holds
     q = queries(8)
-    assert np.array_equal(ShardedIndex.open(d).search(q, 5)[0], reader.search(q, 5)[0])
+    assert np.array_equal(ShardedIndex.open(d).search(q, 5)[0],
+                          ShardedIndex.open(os.path.join(d, "previous.json")).search(q, 5)[0])
+    m3 = build_index(root, d, IndexConfig(shard_size=700), use_ray=False)
+    assert m3.retained_builds == [m3.build_id, m2.build_id]
+    assert sorted(os.listdir(os.path.join(d, "shards"))) == sorted([m2.build_id, m3.build_id])
+    assert not os.path.exists(lock_path(d))  # released
+
+
+def test_rebuild_deletes_only_builds_its_manifests_recorded(code_dir, tmp_path):
+    root, _, _ = code_dir
+    d = tmp_path / "idx"
+    m1 = build_index(root, str(d), IndexConfig(shard_size=1000), use_ray=False)
+    (d / "shards" / "foreign").mkdir()  # not a build of this index: never touched
+    (d / "shards" / "foreign" / "data").write_text("x")
+    (d / "shards" / "README").write_text("x")
+    # A manifest from before retention (no retained_builds): its own build is the chain.
+    man = json.loads((d / "manifest.json").read_text())
+    del man["retained_builds"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    m2 = build_index(root, str(d), IndexConfig(shard_size=1000, keep_builds=1), use_ray=False)
+    assert m2.retained_builds == [m2.build_id]
+    assert sorted(os.listdir(d / "shards")) == sorted(["foreign", "README", m2.build_id])
+    assert (d / "shards" / "foreign" / "data").exists() and m1.build_id != m2.build_id
+    with pytest.raises(ValueError, match="keep_builds must be >= 1"):
+        IndexConfig(keep_builds=0)
+
+
+def test_keep_builds_flag():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "build_index.py")
+    spec = importlib.util.spec_from_file_location("build_index_job", path)
+    build_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_job)
+    args = build_job.parse_args(["--codes", "c", "--output", "o", "--keep-builds", "3"])
+    assert build_job.index_config(args).keep_builds == 3
+    assert build_job.index_config(build_job.parse_args(["--codes", "c", "--output", "o"])).keep_builds == 2
+
+
+@pytest.mark.parametrize("bad", ["../../victim", ".", "..", "a/b", "/abs", ".hidden", "x" * 129, 7])
+def test_rebuild_refuses_a_manifest_whose_build_id_is_a_path(code_dir, tmp_path, bad):
+    """A build_id that could name a directory outside shards/ (or shards/ itself) is refused when
+    the manifest is read: the rebuild deletes nothing, not the victim, not its own new shards."""
+    root, _, _ = code_dir
+    d = tmp_path / "idx"
+    build_index(root, str(d), IndexConfig(shard_size=1000, keep_builds=1), use_ray=False)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("x")
+    man = json.loads((d / "manifest.json").read_text())
+    man["build_id"] = bad
+    man.pop("retained_builds", None)
+    (d / "manifest.json").write_text(json.dumps(man))
+    before = sorted(os.listdir(d / "shards"))
+    with pytest.raises(ManifestError, match=r"manifest.json: build_id .* is not a build id"):
+        build_index(root, str(d), IndexConfig(shard_size=1000, keep_builds=1), use_ray=False)
+    assert (victim / "precious").exists() and sorted(os.listdir(d / "shards")) == before
+    with pytest.raises(ManifestError, match="build_id"):
+        ShardedIndex.open(str(d))
+
+
+def _manifest_with(built: str, tmp_path, edit) -> str:
+    d = _copy_index(built, tmp_path / "idx")
+    path = Path(d, "manifest.json")
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return d
+
+
+@pytest.mark.parametrize("bad", ["../../etc/hosts", "/etc/hosts", "file:///etc/hosts", "s3://other/x",
+                                 "shards//x", "shards/./x", "", "shards/x/..", "a\\..\\b"])
+def test_shard_uri_outside_the_index_is_refused(built, tmp_path, bad):
+    d = _manifest_with(built["flat"], tmp_path, lambda m: m["shards"][1].update(uri=bad))
+    with pytest.raises(ManifestError, match=r"shard 1 uri .* relative paths below the manifest"):
+        ShardedIndex.open(d)
+    with pytest.raises(ManifestError, match="relative paths below"):
+        resolve_shard_uri(os.path.join(d, "manifest.json"), bad)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["shards"][0].update(sha256="../../victim"), r"shard 0: sha256 '../../victim' is not 64"),
+    (lambda m: m["shards"][0].update(id_layout="x"), "id_layout 'x'"),
+    (lambda m: m.update(retained_builds=[m["build_id"], "../x"]), r"retained_builds entry '../x'"),
+    (lambda m: m.update(retained_builds=["other"]), "must start with this manifest's build_id"),
+    (lambda m: m.update(retained_builds=[m["build_id"]] * 2), "names a build twice"),
+    (lambda m: m.update(retained_builds="abc"), "is not a list"),
+])
+def test_manifest_fields_that_name_files_are_checked(built, tmp_path, edit, match):
+    """The sha256 names the S3 download's file in the cache (and a bad copy there is deleted);
+    retained_builds names directories a rebuild deletes."""
+    d = _manifest_with(built["flat"], tmp_path, edit)
+    with pytest.raises(ManifestError, match=match):
+        ShardedIndex.open(d)
+
+
+# --------------------------------------------------------------------------------------------
+# One build at a time
+
+
+def lock_path(index_dir) -> str:
+    return os.path.join(str(index_dir), "build.lock")
+
+
+_HOLD_LOCK = """
+import sys
+from dcgh_dist.index.lock import build_lock
+with build_lock(sys.argv[1], "20250101-000000-other", sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_second_build_is_refused_while_another_process_holds_the_lock(code_dir, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    root, _, _ = code_dir
+    d = str(tmp_path / "idx")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, d], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BuildConflictError,
+                           match=rf"build 20250101-000000-other \(pid {holder.pid} on .*, since "):
+            build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+        assert not os.path.exists(os.path.join(d, "manifest.json"))
+    finally:
+        holder.kill()  # dies holding it: the lock file stays, its process is gone
+        holder.wait()
+    assert json.loads(Path(lock_path(d)).read_text())["pid"] == holder.pid
+    with caplog.at_level("WARNING", logger="dcgh_dist.index.lock"):
+        m = build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+    assert "taking over the build lock of build 20250101-000000-other" in caplog.text
+    assert ShardedIndex.open(d).manifest.build_id == m.build_id and not os.path.exists(lock_path(d))
+
+
+def test_concurrent_builds_in_threads_one_refused(code_dir, tmp_path, monkeypatch):
+    """Two builds started together: the second finds the first's lock and refuses."""
+    import threading
+
+    import dcgh_dist.index.build as build_mod
+
+    root, _, _ = code_dir
+    d = str(tmp_path / "idx")
+    started, release = threading.Event(), threading.Event()
+    real = build_mod.build_shard
+
+    def slow_shard(*a, **kw):
+        started.set()
+        release.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(build_mod, "build_shard", slow_shard)
+    out = {}
+    first = threading.Thread(target=lambda: out.setdefault("m", build_index(
+        root, d, IndexConfig(shard_size=1000), use_ray=False)))
+    first.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(BuildConflictError, match=r"another build is running into this index: build "):
+            build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+    finally:
+        release.set()
+        first.join()
+    assert read_manifest(d).build_id == out["m"].build_id
+
+
+def test_commit_refuses_a_manifest_another_build_wrote_meanwhile(code_dir, tmp_path, monkeypatch):
+    """Where there is no lock (S3), two builds run side by side; the one that commits second
+    finds the manifest changed and refuses instead of overwriting it."""
+    import contextlib
+    import threading
+
+    import dcgh_dist.index.build as build_mod
+
+    root, _, _ = code_dir
+    d = str(tmp_path / "idx")
+    first = build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+    monkeypatch.setattr(build_mod, "build_lock", lambda *a: contextlib.nullcontext())
+    started, release = threading.Event(), threading.Event()
+    real = build_mod.build_shard
+    slow = {}
+
+    def shard(*a, **kw):
+        if threading.current_thread().name == "slow":
+            started.set()
+            release.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(build_mod, "build_shard", shard)
+
+    def run_slow():
+        try:
+            build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+        except BuildConflictError as e:
+            slow["error"] = e
+
+    t = threading.Thread(target=run_slow, name="slow")
+    t.start()
+    try:
+        assert started.wait(60)
+        fast = build_index(root, d, IndexConfig(shard_size=1000), use_ray=False)
+    finally:
+        release.set()
+        t.join()
+    msg = str(slow["error"])
+    assert "another build committed while build" in msg and f"build {fast.build_id} (created" in msg
+    slow_id = msg.split("while build ")[1].split()[0]
+    assert f"shards stay under shards/{slow_id}/" in msg
+    assert read_manifest(d).build_id == fast.build_id  # not overwritten
+    assert os.listdir(os.path.join(d, "shards", slow_id))  # the refused build's shards are kept
+    assert fast.retained_builds == [fast.build_id, first.build_id]
 
 
 def test_code_shard_reader_accepts_plain_binary_codes(tmp_path):

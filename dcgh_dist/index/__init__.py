@@ -13,11 +13,18 @@ from dcgh_dist.index.codes import (
     pack_codes,
     unpack_codes,
 )
-from dcgh_dist.index.manifest import IndexConfig, IndexManifest, ManifestError, read_manifest
+from dcgh_dist.index.manifest import (
+    BuildConflictError,
+    IndexConfig,
+    IndexManifest,
+    ManifestError,
+    read_manifest,
+)
 from dcgh_dist.index.search import ShardedIndex, brute_force_search
 
 __all__ = [
     "BIT_ORDER",
+    "BuildConflictError",
     "IndexConfig",
     "IndexManifest",
     "ManifestError",

@@ -5,12 +5,19 @@ built in parallel as Ray tasks (or in-process with ``use_ray=False``). Each task
 sorts them by id, builds one FAISS index, serialises it, checksums the bytes and writes them
 (local disk or S3, one code path). The driver writes the manifest last, atomically, so a reader
 never sees a manifest naming a missing shard. Shards of one build live under
-``shards/<build_id>/``: a rebuild never overwrites the shards an older manifest points to, and the
-previous build's shards are removed only after the new manifest is in place.
+``shards/<build_id>/``: a rebuild never overwrites the shards an older manifest points to. The
+manifest lists the builds whose shards are kept (``retained_builds``, at most
+``IndexConfig.keep_builds``, newest first); after the new manifest is in place, a rebuild deletes
+the directories of the builds that fall off that list, and nothing else.
+
+One build at a time: a lock file on local filesystems (:mod:`dcgh_dist.index.lock`), and, on every
+filesystem, a re-read of the manifest just before commit that refuses to overwrite a manifest
+another build wrote meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -25,11 +32,14 @@ import pyarrow.parquet as pq
 
 from dcgh_dist.data.format import join, list_data_files, resolve_filesystem
 from dcgh_dist.index.codes import read_code_meta, read_code_shard
+from dcgh_dist.index.lock import build_lock
 from dcgh_dist.index.manifest import (
+    BuildConflictError,
     IndexConfig,
     IndexManifest,
     ManifestError,
     ShardEntry,
+    check_build_id,
     manifest_location,
     read_manifest,
     write_manifest,
@@ -309,8 +319,52 @@ def build_index(
 
     ``expected_fingerprint`` (from ``--checkpoint``) must match the shards' own fingerprint when
     they carry one; shards without metadata take it as theirs. Returns the written manifest.
+    Refuses (``BuildConflictError``) to run while another build holds the output's lock, and to
+    commit when another build wrote the manifest while this one ran.
     """
+    build_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    man_uri = manifest_location(output_uri)
+    base = man_uri.rsplit("/", 1)[0]
+    fs, base_path = resolve_filesystem(base, s3_endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        lock = build_lock(base_path, build_id, base)
+    else:
+        logger.info("%s: no build lock on this filesystem; the manifest is checked before commit", base)
+        lock = contextlib.nullcontext()
+    with lock:
+        return _build_locked(codes_uri, man_uri, build_id, cfg, expected_fingerprint=expected_fingerprint,
+                             config=config, s3_endpoint=s3_endpoint, use_ray=use_ray)
+
+
+def _read_current(man_uri: str, s3_endpoint: str | None) -> IndexManifest | None:
+    """The manifest now at ``man_uri``, None where there is none (ManifestError if unreadable)."""
+    fs, path = resolve_filesystem(man_uri, s3_endpoint)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    return read_manifest(man_uri, s3_endpoint)
+
+
+def _build_locked(
+    codes_uri: str,
+    man_uri: str,
+    build_id: str,
+    cfg: IndexConfig,
+    *,
+    expected_fingerprint: str | None,
+    config: dict[str, Any] | None,
+    s3_endpoint: str | None,
+    use_ray: bool,
+) -> IndexManifest:
     t0 = time.time()
+    base = man_uri.rsplit("/", 1)[0]
+    try:
+        previous = _read_current(man_uri, s3_endpoint)
+    except ManifestError as e:
+        # Replacing it would lose track of the shards it names, and trust nothing it says.
+        raise ManifestError(
+            f"{e}. A rebuild would replace this manifest: fix or remove it (and the shards it "
+            "names), or build into another --output"
+        ) from e
     source = scan_code_source(codes_uri, s3_endpoint)
     if source.num_rows == 0:
         raise ValueError(f"{codes_uri}: the code shards hold no rows")
@@ -334,10 +388,7 @@ def build_index(
         sample = sample_codes(codes_uri, source, n_train, cfg.seed, s3_endpoint)
         trained = train_ivf(sample, bits, cfg)
 
-    build_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     plan = plan_shards(source.files, cfg.shard_size)
-    man_uri = manifest_location(output_uri)
-    base = man_uri.rsplit("/", 1)[0]
     rels = [f"shards/{build_id}/shard-{i:05d}{SHARD_SUFFIX}" for i in range(len(plan))]
     logger.info("building %d %s shard(s) of <= %d codes (%d bits) from %d rows",
                 len(plan), cfg.index_type, cfg.shard_size, bits, source.num_rows)
@@ -362,27 +413,57 @@ def build_index(
         entries = [build_shard(*a, **kw) for a in args]
 
     _check_ids_unique_across(codes_uri, plan, entries, s3_endpoint)
-    previous = None
-    try:
-        previous = read_manifest(man_uri, s3_endpoint)
-    except ManifestError:
-        pass
+    chain = [build_id, *(b for b in (previous.retained_builds if previous else []) if b != build_id)]
     manifest = IndexManifest(
         bits=bits, index=cfg, shards=entries, model_fingerprint=fingerprint,
         modality=source.modality, config=config if config is not None else source.config,
-        codes_uri=codes_uri, build_id=build_id,
+        codes_uri=codes_uri, build_id=build_id, retained_builds=chain[:cfg.keep_builds],
         extra={"build_seconds": round(time.time() - t0, 3)},
     )
+    _check_unchanged(man_uri, previous, build_id, s3_endpoint)
     write_manifest(man_uri, manifest, s3_endpoint)
-    if previous is not None and previous.build_id and previous.build_id != build_id:
-        fs, path = resolve_filesystem(join(base, "shards", previous.build_id), s3_endpoint)
-        try:
-            fs.delete_dir(path)
-        except (FileNotFoundError, OSError) as e:
-            logger.warning("could not remove the previous build's shards at %s: %s", path, e)
+    for old in chain[cfg.keep_builds:]:
+        _remove_build(base, old, s3_endpoint)
     logger.info("wrote %s: %d shards, %d codes, %.1fs", man_uri, len(entries), manifest.num_items,
                 time.time() - t0)
     return manifest
+
+
+def _check_unchanged(
+    man_uri: str, previous: IndexManifest | None, build_id: str, s3_endpoint: str | None
+) -> None:
+    """Refuse to commit over a manifest another build wrote while this one ran (the only guard
+    where there is no lock, S3; a second one where there is)."""
+    try:
+        current = _read_current(man_uri, s3_endpoint)
+    except ManifestError as e:
+        raise BuildConflictError(
+            f"{man_uri}: the manifest changed while build {build_id} ran and cannot be read now "
+            f"({e}); not overwriting it. This build's shards stay under shards/{build_id}/"
+        ) from e
+    before = previous.build_id if previous else None
+    now = current.build_id if current else None
+    if now != before:
+        other = (f"build {now} (created {current.created})" if current
+                 else f"the removal of build {before}'s manifest")
+        raise BuildConflictError(
+            f"{man_uri}: another build committed while build {build_id} ran: {other}; not "
+            f"overwriting it. This build's shards stay under shards/{build_id}/ (remove them, or "
+            "rebuild once the other build is done)"
+        )
+
+
+def _remove_build(base: str, build_id: str, s3_endpoint: str | None) -> None:
+    """Delete ``base/shards/<build_id>/``, a build this index's own manifests recorded."""
+    check_build_id(build_id, base)  # one component: a direct child of shards/, nothing else
+    fs, path = resolve_filesystem(join(base, "shards", build_id), s3_endpoint)
+    try:
+        fs.delete_dir(path)
+        logger.info("removed the shards of build %s (beyond keep_builds)", build_id)
+    except FileNotFoundError:
+        pass  # removed by hand, or never written
+    except OSError as e:
+        logger.warning("could not remove the shards of build %s at %s: %s", build_id, path, e)
 
 
 def _check_ids_unique_across(

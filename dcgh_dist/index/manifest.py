@@ -13,6 +13,7 @@ names. Layout (``format = dcgh-dist-index-v1``)::
       "modality": "image",
       "config": {...},                           # the checkpoint's Config tree (or null)
       "codes_uri": "...", "build_id": "...", "created": "2025-...Z",
+      "retained_builds": ["<build_id>", "<previous build_id>"],   # newest first, see below
       "shards": [
         {"uri": "shards/<build_id>/shard-00000.faissindex",   # relative: to the manifest's dir
          "rows": 250000, "id_min": 0, "id_max": 249999,
@@ -25,12 +26,20 @@ names. Layout (``format = dcgh-dist-index-v1``)::
 order the codes were added, so the bare FAISS index is stored (8 bytes per 64-bit code) and the
 reader adds the offset to FAISS's positions. ``"ids"``: the index keeps the ids itself
 (``IndexBinaryIDMap``, or the inverted lists of ``IndexBinaryIVF``), 8 more bytes per item.
+
+Nothing read from a manifest may name a path outside the index it describes: the builder deletes
+``shards/<id>/`` for ids in ``retained_builds`` and readers open the shard ``uri``s (and cache S3
+shards under their ``sha256``), so :meth:`IndexManifest.from_json` refuses a build id that is not
+one plain path component, a shard uri that is not a relative path below the manifest's directory
+and a sha256 that is not 64 hex digits. ``codes_uri`` is provenance (where the codes were read
+from, outside the index by nature): nothing here opens or deletes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -43,10 +52,53 @@ from dcgh_dist.index.codes import BIT_ORDER
 MANIFEST_FORMAT = "dcgh-dist-index-v1"
 MANIFEST_NAME = "manifest.json"
 INDEX_TYPES = ("flat", "ivf", "multihash")
+ID_LAYOUTS = ("offset", "ids")
+
+# One path component that cannot climb out of ``shards/`` ("." and ".." start with a dot).
+_BUILD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ManifestError(ValueError):
     """A manifest or shard that cannot be used; the message says which and why."""
+
+
+class BuildConflictError(ManifestError):
+    """Another build is writing, or has written, the same index while this one ran."""
+
+
+def check_build_id(value: Any, where: str, what: str = "build_id") -> str:
+    """``value`` if it is a build id that names one directory right under ``shards/``."""
+    if not isinstance(value, str) or not _BUILD_ID.fullmatch(value):
+        raise ManifestError(
+            f"{where}: {what} {value!r} is not a build id (one path component of letters, digits, "
+            "'.', '_', '-', starting with a letter or digit); refusing a manifest that could name "
+            "a directory outside the index"
+        )
+    return value
+
+
+def check_relative_uri(value: Any, where: str, what: str) -> str:
+    """``value`` if it is a relative path that stays below the directory it is relative to."""
+    problem = None
+    if not isinstance(value, str) or not value:
+        problem = "is not a non-empty string"
+    elif "://" in value or value.startswith("/") or "\\" in value:
+        problem = "is not a relative path (absolute paths, URI schemes and backslashes are refused)"
+    elif any(seg in ("", ".", "..") for seg in value.split("/")):
+        problem = "has an empty, '.' or '..' segment"
+    if problem:
+        raise ManifestError(
+            f"{where}: {what} {value!r} {problem}; shard uris must be relative paths below the "
+            "manifest's directory"
+        )
+    return value
+
+
+def check_sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ManifestError(f"{where}: sha256 {value!r} is not 64 lowercase hex digits")
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,11 +126,14 @@ class IndexConfig:
     mh_nflip: int = 1
     seed: int = 0
     task_cpus: float = 1.0  # CPUs per Ray build task (FAISS threads inside it)
+    # Builds whose shards a rebuild keeps: the new one and keep_builds - 1 before it, so a server
+    # still holding the previous manifest keeps working until it reloads.
+    keep_builds: int = 2
 
     def __post_init__(self):
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index type must be one of {list(INDEX_TYPES)}, got {self.index_type!r}")
-        for name in ("shard_size", "nlist", "nprobe"):
+        for name in ("shard_size", "nlist", "nprobe", "keep_builds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.mh_nflip < 0:
@@ -134,9 +189,12 @@ class IndexManifest:
     modality: str | None = None
     config: dict[str, Any] | None = None
     codes_uri: str = ""
-    build_id: str = ""
+    build_id: str = ""  # "" only in manifests written by hand: no build recorded
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     extra: dict[str, Any] = field(default_factory=dict)
+    # Builds of this index whose shards/<id>/ directories may still exist, newest (build_id)
+    # first: what the next rebuild may delete, and nothing else.
+    retained_builds: list[str] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
@@ -162,6 +220,7 @@ class IndexManifest:
                 "build_id": self.build_id,
                 "created": self.created,
                 "extra": self.extra,
+                "retained_builds": self.retained_builds,
                 "shards": [asdict(s) for s in self.shards],
             },
             indent=2,
@@ -173,6 +232,8 @@ class IndexManifest:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: not a dcgh-dist index manifest (not a JSON object)")
         if d.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where}: not a dcgh-dist index manifest (format {d.get('format')!r})")
         if d.get("bit_order") != BIT_ORDER:
@@ -190,6 +251,33 @@ class IndexManifest:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed manifest ({e})") from e
+        if not isinstance(m.codes_uri, str):
+            raise ManifestError(f"{where}: codes_uri {m.codes_uri!r} is not a string")
+        for i, s in enumerate(m.shards):
+            check_relative_uri(s.uri, where, f"shard {i} uri")
+            check_sha256(s.sha256, f"{where}: shard {i}")
+            if s.id_layout not in ID_LAYOUTS:
+                raise ManifestError(
+                    f"{where}: shard {i}: id_layout {s.id_layout!r} is not one of {list(ID_LAYOUTS)}"
+                )
+        if m.build_id != "":
+            check_build_id(m.build_id, where)
+        if "retained_builds" in d:
+            m.retained_builds = d["retained_builds"]
+            if not isinstance(m.retained_builds, list):
+                raise ManifestError(f"{where}: retained_builds {m.retained_builds!r} is not a list")
+        elif m.build_id:
+            # Manifests from before retention: only their own build's shards are known.
+            m.retained_builds = [m.build_id]
+        for b in m.retained_builds:
+            check_build_id(b, where, "retained_builds entry")
+        if len(set(m.retained_builds)) != len(m.retained_builds):
+            raise ManifestError(f"{where}: retained_builds {m.retained_builds} names a build twice")
+        if m.build_id and m.retained_builds[:1] != [m.build_id]:
+            raise ManifestError(
+                f"{where}: retained_builds {m.retained_builds} must start with this manifest's "
+                f"build_id {m.build_id!r}"
+            )
         if d.get("num_items") is not None and d["num_items"] != m.num_items:
             raise ManifestError(
                 f"{where}: num_items {d['num_items']} != sum of shard rows {m.num_items}"
@@ -203,9 +291,9 @@ def manifest_location(uri: str) -> str:
 
 
 def resolve_shard_uri(manifest_uri: str, shard_uri: str) -> str:
-    """Relative shard URIs are relative to the manifest's directory."""
-    if shard_uri.startswith("s3://") or shard_uri.startswith("/") or shard_uri.startswith("file://"):
-        return shard_uri
+    """A shard's URI: relative to the manifest's directory, and refused unless it stays below it
+    (checked here too, for manifests built in code rather than read)."""
+    check_relative_uri(shard_uri, manifest_uri, "shard uri")
     return join(manifest_uri.rsplit("/", 1)[0], shard_uri)
 
 
