@@ -9,8 +9,9 @@ The input layout is detected from the files under --input (raw distribution, or 
 all_imgs.txt / all_tags.txt / all_labels.txt list layout); --layout forces one. The output
 defaults to the preset's place under the data root ($DCGH_DATA_ROOT, else ~/.cache/dcgh_dist),
 which is where `jobs/train.py --dataset NAME` looks. Writes Parquet shards, prepare_report.json
-(everything skipped, by reason) and, last, dataset.json with the shard manifest. See
-docs/PREPARE_DATA.md.
+(everything skipped, by reason) and, last, dataset.json with the shard manifest. SIGTERM is
+handled like Ctrl-C: the run deletes what it wrote and exits with status 143; a run killed outright
+leaves a record, and the next run deletes what it names. See docs/PREPARE_DATA.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,9 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="image worker processes (default: cores - 1, at least 1; 0 = in this process)")
     p.add_argument("--chunk-size", type=int, default=32, help="images per worker task (default 32)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// input and output (MinIO, moto, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared at --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset this job prepared at --output (only the files its dataset.json "
+                        "lists; any other file is refused)")
     p.add_argument("--max-image-errors", type=float, default=0.05,
-                   help="stop when more than this fraction of the images is missing or undecodable (default 0.05)")
+                   help="stop when more than this fraction of the images is missing or undecodable, or of the "
+                        "items has broken metadata (a malformed label row, ...) (default 0.05)")
     p.add_argument("--coco-captions", default="first", choices=("first", "join", "all"),
                    help="COCO text: the first caption, all joined, or one row per caption (default first)")
     p.add_argument("--nus-text", default="auto", choices=("auto", "alltags", "tags1k"),
@@ -98,6 +104,15 @@ def build_options(args: argparse.Namespace):
     )
 
 
+def _stop_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (``ray job stop``, Kubernetes, ``kill``) as an exception, so that the clean-up that
+    runs for Ctrl-C runs for it too. Once: a second SIGTERM stops the process at once (the run's
+    record then lets the next run delete what is left)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logger.warning("SIGTERM: stopping; deleting what this run wrote")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Prepare the dataset; returns the summary (also in <output>/prepare_report.json)."""
     args = parse_args(argv)
@@ -105,12 +120,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.data.prepare import PrepareError, prepare_dataset
 
     opts = build_options(args)
+    # Signal handlers can only be set from the main thread (main() may be called from others).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
         result = prepare_dataset(opts)
     except PrepareError as e:
         if e.report is not None:
             print(e.report.summary(), flush=True)
         raise
+    finally:
+        if in_main_thread:  # (None: a handler not set from Python, which cannot be put back)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     s = result.summary
     mb = result.output_bytes / 1e6
     print(

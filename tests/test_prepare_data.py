@@ -202,6 +202,29 @@ def test_mirflickr_missing_concept_file_names_it(mir_tree, tmp_path):
         run("--dataset", "mirflickr25k", "--input", str(broken), "--output", str(tmp_path / "o"), *MIR_ARGS, "--workers", "0")
 
 
+def copy_tree(src: Path, dst: Path) -> Path:
+    for p in src.rglob("*"):
+        if p.is_file():
+            write(dst / p.relative_to(src), p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("extra", ["mirflickr/im01.jpg", "mirflickr/meta/tags/tags01.txt"])
+def test_mirflickr_two_files_for_one_image_number_are_an_error(mir_tree, tmp_path, extra):
+    root, _ = mir_tree
+    tree = copy_tree(root, tmp_path / "raw")
+    same = {"mirflickr/im01.jpg": "mirflickr/im1.jpg", "mirflickr/meta/tags/tags01.txt": "mirflickr/meta/tags/tags1.txt"}
+    write(tree / extra, (tree / same[extra]).read_bytes())
+    name, other = extra.rsplit("/", 1)[1], same[extra].rsplit("/", 1)[1]
+    with pytest.raises(ValueError, match=rf"/{name} and .*/{other} are both for image number 1"):
+        run("--dataset", "mirflickr25k", "--input", str(tree), "--output", str(tmp_path / "o"), *MIR_ARGS,
+            "--workers", "0")
+    # Alone, a zero-padded name is image 1 under its own name (it was reported missing as im1.jpg).
+    (tree / same[extra]).unlink()
+    run("--dataset", "mirflickr25k", "--input", str(tree), "--output", str(tmp_path / "o"), *MIR_ARGS, "--workers", "0")
+    assert read_rows(str(tmp_path / "o"))[1]["image"] == jpeg(1)
+
+
 def test_same_command_gives_identical_bytes_whatever_the_worker_count(mir_tree, tmp_path):
     """In-process vs two spawned workers, and a re-run over the first output: same bytes."""
     root, _ = mir_tree
@@ -535,6 +558,77 @@ def test_list_files_that_do_not_line_up_are_an_error(tmp_path):
         run(*LIST_ARGS, "--input", str(root), "--output", str(tmp_path / "o"), "--workers", "0")
 
 
+def build_wide_labels(root: Path, n: int, wide: int) -> None:
+    """A list tree whose first ``wide`` label rows have a column too many."""
+    for i in range(n):
+        write(root / f"{i}.jpg", jpeg(i))
+    write(root / "all_imgs.txt", "".join(f"{i}.jpg\n" for i in range(n)))
+    write(root / "all_tags.txt", "".join(f"text {i}\n" for i in range(n)))
+    write(root / "all_labels.txt", "".join("1 0 1\n" if i < wide else "1 0\n" for i in range(n)))
+
+
+def test_malformed_label_rows_warn_with_counts_and_stop_the_job_when_many(tmp_path, caplog):
+    few = tmp_path / "few"
+    build_wide_labels(few, 120, 3)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        run(*LIST_ARGS, "--input", str(few), "--output", str(out), "--workers", "0")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("3 skipped (label_row_malformed)" in m and "first: id 0" in m and "'1 0 1'" in m for m in warned), warned
+    assert read_dataset_info(str(out)).num_classes == 2
+
+    # 61 of 120 rows one column too wide: the file is read wrongly, not damaged here and there.
+    many = tmp_path / "many"
+    build_wide_labels(many, 120, 61)
+    with pytest.raises(PrepareError, match=r"59 of the 120 lines of the input have broken metadata, more than "
+                                           r"--max-image-errors 0\.05 allows; most are label_row_malformed"):
+        run(*LIST_ARGS, "--input", str(many), "--output", str(tmp_path / "o2"), "--workers", "0")
+    assert report_of(tmp_path / "o2")["status"] == "failed"
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["prepare_report.json"]
+
+
+def test_list_image_paths_must_stay_under_the_image_root(tmp_path):
+    images = tmp_path / "images"
+    root = tmp_path / "lst"
+    write(images / "a.jpg", jpeg(1))
+    write(images / "sub/b.jpg", jpeg(2))
+    write(tmp_path / "secret.jpg", jpeg(3))  # beside the image root: must not be read
+    write(root / "all_tags.txt", "one\ntwo\n")
+    write(root / "all_labels.txt", "1 0\n0 1\n")
+    common = ("--dataset", "tiny", "--layout", "list", "--input", str(root), "--image-root", str(images),
+              "--query", "1", "--train", "1", "--workers", "0")
+    for bad in ("../secret.jpg", "sub/../../secret.jpg", "..\\secret.jpg", str(tmp_path / "secret.jpg"),
+                f"{images}/../secret.jpg", "/etc/hostname", "s3://other-bucket/a.jpg"):
+        write(root / "all_imgs.txt", f"a.jpg\n{bad}\n")
+        with pytest.raises(ValueError, match=r"all_imgs\.txt line 2: image path .* is outside the image root"):
+            run(*common, "--output", str(tmp_path / "o"))
+        assert not (tmp_path / "o").exists()  # refused before anything is written
+    # Absolute paths under the root, and '..' that stays inside, are fine.
+    write(root / "all_imgs.txt", f"{images}/sub/b.jpg\nsub/../a.jpg\n")
+    run(*common, "--output", str(tmp_path / "ok"))
+    assert sorted(r["image"] for r in read_rows(str(tmp_path / "ok")).values()) == sorted([jpeg(1), jpeg(2)])
+
+
+def test_nuswide_and_coco_image_paths_must_stay_under_their_folder(coco_tree, tmp_path):
+    nus = tmp_path / "nus"
+    build_nuswide(nus, "alltags")
+    lines = (nus / "ImageList/Imagelist.txt").read_bytes().split(b"\r\n")
+    lines[3] = b"..\\..\\0003_1003.jpg"
+    write(nus / "ImageList/Imagelist.txt", b"\r\n".join(lines))
+    with pytest.raises(ValueError, match=r"Imagelist\.txt line 4: image path '\.\./0003_1003\.jpg' is outside"):
+        run("--dataset", "nuswide-top10", "--input", str(nus), "--output", str(tmp_path / "o"), "--workers", "0")
+
+    root, _ = coco_tree
+    coco = copy_tree(root, tmp_path / "coco")
+    cap_file = coco / "annotations/captions_val2017.json"
+    cap = json.loads(cap_file.read_text())
+    cap["images"][1]["file_name"] = "../../etc/hostname"
+    write(cap_file, json.dumps(cap))
+    with pytest.raises(ValueError, match=r"captions_val2017\.json: image 101 has file_name '\.\./\.\./etc/hostname', "
+                                         r"outside the image folder"):
+        run("--dataset", "coco", "--input", str(coco), "--output", str(tmp_path / "o"), "--workers", "0")
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout detection, output and failure handling
 
@@ -556,9 +650,147 @@ def test_output_with_foreign_files_is_refused(list_tree, tmp_path):
     root, _ = list_tree
     out = tmp_path / "out"
     write(out / "notes.txt", "mine")
-    with pytest.raises(ValueError, match=r"did not write \(notes\.txt\)"):
+    with pytest.raises(ValueError, match=r"cannot prove it wrote \(notes\.txt: not a file"):
         run(*LIST_ARGS, "--input", str(root), "--output", str(out), "--workers", "0")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def output_as_written(out: Path) -> dict:
+    """Every file's bytes, but the report's, which names the output: parsed, without that."""
+    files = files_of(out)
+    report = json.loads(files.pop("prepare_report.json"))
+    report.pop("output")
+    return {**files, "prepare_report.json": report}
+
+
+def test_overwrite_replaces_only_what_its_own_manifest_lists(list_tree, tmp_path):
+    from dcgh_dist.data.format import DatasetInfo, write_dataset
+
+    root, _ = list_tree
+    out = tmp_path / "out"
+    common = (*LIST_ARGS, "--input", str(root), "--output", str(out), "--workers", "0", "--shard-size", "2KB")
+    run(*common)
+    shards = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(shards) >= 2
+    # Another tool's shard next to ours: the old regex took any part-NNNNN.parquet for the job's.
+    write(out / "part-00042.parquet", (out / shards[0]).read_bytes())
+    before = files_of(out)
+    with pytest.raises(ValueError, match=r"part-00042\.parquet: not listed in a dataset\.json manifest or run record"):
+        run(*common, "--overwrite")
+    assert files_of(out) == before
+    (out / "part-00042.parquet").unlink()
+    # A listed shard whose size changed since the job wrote it is not the job's to delete either.
+    with open(out / shards[1], "ab") as f:
+        f.write(b"appended by hand")
+    before = files_of(out)
+    with pytest.raises(ValueError, match=rf"{shards[1]}: \d+ bytes, but dataset\.json's manifest says \d+"):
+        run(*common, "--overwrite")
+    assert files_of(out) == before
+
+    # A dataset written by another writer (format.write_dataset: part-*.parquet + a dataset.json
+    # without this job's manifest) is refused, with or without --overwrite, and left as it was.
+    other = tmp_path / "other"
+    write_dataset(str(other), DatasetInfo(name="x", num_classes=4, class_names=("a", "b", "c", "d")),
+                  [{"id": 0, "labels": [0], "split": "train", "image": jpeg(0), "text": "x"}])
+    before = files_of(other)
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(ValueError, match=r"dataset\.json: not a dataset\.json written by jobs/prepare_data\.py.*"
+                                             r"part-00000\.parquet: not listed"):
+            run(*LIST_ARGS, "--input", str(root), "--output", str(other), "--workers", "0", *extra)
+    assert files_of(other) == before
+
+
+def test_refusals_say_what_the_output_holds(list_tree, tmp_path):
+    root, _ = list_tree
+    out = tmp_path / "out"
+    common = (*LIST_ARGS, "--input", str(root), "--output", str(out), "--workers", "0")
+    run(*common)
+    with pytest.raises(ValueError, match=r"already holds a complete prepared dataset \(dataset\.json and 1 shard"):
+        run(*common)
+    # Part files and no dataset.json: not "a prepared dataset", but files the job cannot claim.
+    loose = tmp_path / "loose"
+    write(loose / "part-00000.parquet", (out / "part-00000.parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"holds 1 file\(s\) that jobs/prepare_data\.py cannot prove it wrote "
+                                         r"\(part-00000\.parquet: not listed"):
+        run(*LIST_ARGS, "--input", str(root), "--output", str(loose), "--workers", "0", "--overwrite")
+    assert (loose / "part-00000.parquet").exists()
+    # The report a failed run leaves is replaced by the next run, without --overwrite.
+    failed = tmp_path / "failed"
+    with pytest.raises(PrepareError):
+        run(*LIST_ARGS, "--input", str(root), "--output", str(failed), "--workers", "0", "--train", "40")
+    assert sorted(files_of(failed)) == ["prepare_report.json"]
+    run(*LIST_ARGS, "--input", str(root), "--output", str(failed), "--workers", "0")
+    assert output_as_written(failed) == output_as_written(out)
+
+
+_SLOW_JOB = """
+import runpy, sys, time
+from dcgh_dist.data.prepare import images
+load = images.load_image
+images.load_image = lambda *a: (time.sleep(0.04), load(*a))[1]  # an input slow enough to stop mid-run
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_leaves_no_partial_shard_and_the_rerun_gives_the_same_bytes(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "lst"
+    n = 80
+    for i in range(n):
+        write(root / f"imgs/{i}.jpg", jpeg(i))
+    write(root / "all_imgs.txt", "".join(f"imgs/{i}.jpg\n" for i in range(n)))
+    write(root / "all_tags.txt", "".join(f"text {i}\n" for i in range(n)))
+    write(root / "all_labels.txt", "".join(("1 0\n", "0 1\n")[i % 2] for i in range(n)))
+    # About one row a shard: many shards, each moved to its name when done.
+    args = [*LIST_ARGS, "--input", str(root), "--workers", "0", "--shard-size", "1KB", "--no-progress"]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_JOB, str(REPO / "jobs" / "prepare_data.py"), *args,
+                             "--output", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < 3:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "no shard written in time"
+            time.sleep(0.02)
+        proc.send_signal(getattr(signal, sig))
+        log = proc.communicate(timeout=120)[0].decode()
+    finally:
+        proc.kill()
+    left = files_of(out)
+    if sig == "SIGTERM":
+        # Handled like Ctrl-C: the job deletes what it wrote and exits 128 + 15.
+        assert proc.returncode == 143, log
+        assert "SIGTERM: stopping" in log
+        assert left == {}, sorted(left)
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert "dataset.json" not in left
+        state = json.loads(left["_prepare_state.json"])
+        finals = sorted(f for f in left if f.startswith("part-"))
+        assert len(finals) >= 3
+        for f in finals:  # a final name only ever holds a complete shard, listed with its size
+            assert state["files"][f] == len(left[f])
+            assert pq.read_metadata(out / f).num_rows == 1
+        assert all(f.startswith(".") and state["run_id"] in f for f in left if f not in finals + ["_prepare_state.json"])
+    # The re-run, without --overwrite: recognises the leftovers as its own, and writes what an
+    # uninterrupted run writes.
+    run(*args, "--output", str(out))
+    clean = tmp_path / "clean"
+    run(*args, "--output", str(clean))
+    assert output_as_written(out) == output_as_written(clean)
+    assert verify_manifest(str(out)) == []
 
 
 def test_too_many_bad_images_stop_the_job_with_a_report(tmp_path):
@@ -666,3 +898,29 @@ def test_s3_input_and_output_match_local_bytes(s3_server, list_tree, tmp_path):
         rep = json.loads(f.read())
     assert rep["reasons"]["image_missing"]["first"][0]["id"] == 6
     assert rep["status"] == "ok" and rep["input"] == f"{raw}/list"
+
+
+def test_s3_list_paths_outside_the_image_root_are_refused(s3_server, tmp_path):
+    import pyarrow.fs as pafs
+
+    from dcgh_dist.data.format import resolve_filesystem
+
+    endpoint, make_bucket = s3_server
+    raw = make_bucket("prep-paths")
+    s3, _ = resolve_filesystem(raw, endpoint)
+    local = tmp_path / "lst"
+    write(local / "imgs/a.jpg", jpeg(1))
+    write(local / "all_tags.txt", "one\ntwo\n")
+    write(local / "all_labels.txt", "1 0\n0 1\n")
+    for bad in ("s3://other-bucket/imgs/a.jpg", "imgs/../../x.jpg", "s3://prep-paths/list/../x.jpg", "/etc/hostname"):
+        write(local / "all_imgs.txt", f"imgs/a.jpg\n{bad}\n")
+        pafs.copy_files(str(local), "prep-paths/list", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+        with pytest.raises(ValueError, match=r"all_imgs\.txt line 2: image path .* is outside the image root s3://prep-paths/list"):
+            run("--dataset", "tiny", "--layout", "list", "--input", f"{raw}/list", "--output", str(tmp_path / "o"),
+                "--s3-endpoint", endpoint, "--query", "1", "--train", "1", "--workers", "0")
+    # An absolute key under the image root is the same image as its relative path.
+    write(local / "all_imgs.txt", f"imgs/a.jpg\n{raw}/list/imgs/a.jpg\n")
+    pafs.copy_files(str(local), "prep-paths/list", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+    summary = run("--dataset", "tiny", "--layout", "list", "--input", f"{raw}/list", "--output", str(tmp_path / "ok"),
+                  "--s3-endpoint", endpoint, "--query", "1", "--train", "0", "--workers", "0")
+    assert summary["split_items"]["query"] == 1 and summary["rows_written"] == 2

@@ -1,10 +1,11 @@
-"""The parts of dataset preparation on their own: splits, skip report, shard writer, line reader,
-image checks."""
+"""The parts of dataset preparation on their own: splits, skip report, shard writer, output
+ownership, line reader, data paths, image checks."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from dcgh_dist.data.format import DatasetInfo, scan_dataset, write_text_atomic
 from dcgh_dist.data.prepare import source
 from dcgh_dist.data.prepare.images import ImageOptions, check_image
+from dcgh_dist.data.prepare.output import STATE_FILE, TOOL, Run, inspect_output, temp_name
 from dcgh_dist.data.prepare.report import SkipReport
 from dcgh_dist.data.prepare.splits import SplitAssigner, SplitSizes, assign_splits, seeded_order
 from dcgh_dist.data.prepare.writer import ShardWriter, manifest_dict, verify_manifest
@@ -124,6 +126,108 @@ def test_verify_manifest_finds_a_changed_and_an_unlisted_shard(tmp_path):
     problems = verify_manifest(root)
     assert any("part-00000.parquet: sha256" in x for x in problems)
     assert any("extra.parquet: Parquet file not in the manifest" in x for x in problems)
+    # A manifest path that leaves the dataset is reported, not read.
+    info = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    info["extra"]["manifest"]["shards"][0]["path"] = "../outside.parquet"
+    (tmp_path / "a" / "dataset.json").write_text(json.dumps(info))
+    (tmp_path / "outside.parquet").write_bytes(b"not to be read")
+    assert any("manifest path '../outside.parquet' is not a file under the dataset root" in x for x in verify_manifest(root))
+
+
+def test_writer_moves_a_shard_to_its_name_only_once_complete_and_recorded(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    seen = []
+
+    def before_publish(entry):
+        # Recorded first: the final name does not exist yet, the complete temporary file does.
+        assert not (tmp_path / entry.path).exists()
+        tmp = tmp_path / temp_name(entry.path, "0123456789abcdef")
+        assert tmp.stat().st_size == entry.bytes
+        seen.append(entry.path)
+
+    w = ShardWriter(fs, root, INFO, shard_bytes=2500, run_id="0123456789abcdef", before_publish=before_publish)
+    for i in range(5):
+        w.add(i, [0], "train", bytes(968), "t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00002.parquet.tmp-0123456789abcdef",
+                                                          "part-00000.parquet", "part-00001.parquet"]
+    shards = w.close()
+    assert seen == [s.path for s in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    w2 = ShardWriter(fs, str(tmp_path / "b"), INFO, shard_bytes=2500)
+    fs.create_dir(str(tmp_path / "b"))
+    w2.add(0, [0], "train", bytes(968), "t")
+    w2.abort()  # a failed job: the unfinished shard is gone, nothing is left under a final name
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def _record(root, run_id, files):
+    (root / STATE_FILE).write_text(json.dumps({"tool": TOOL, "run_id": run_id, "files": files}))
+
+
+def test_inspect_output_claims_only_files_its_records_list(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs = pafs.LocalFileSystem()
+    rid, other = "a" * 16, "b" * 16
+    (tmp_path / "part-00000.parquet").write_bytes(b"x" * 10)
+    (tmp_path / "part-00001.parquet").write_bytes(b"x" * 11)  # the record says 12: changed since
+    (tmp_path / "part-00002.parquet").write_bytes(b"x")  # in no record
+    (tmp_path / temp_name("part-00003.parquet", rid)).write_bytes(b"PAR")  # the recorded run's
+    (tmp_path / temp_name("part-00003.parquet", other)).write_bytes(b"PAR")  # a run with no record here
+    (tmp_path / temp_name(STATE_FILE, rid)).write_bytes(b'{"tool": "jobs/prep')  # its record, cut short
+    (tmp_path / "prepare_report.json").write_text("not json")
+    _record(tmp_path, rid, {"part-00000.parquet": 10, "part-00001.parquet": 12})
+    c = inspect_output(fs, str(tmp_path), "OUT")
+    assert c.interrupted == [rid] and c.complete is None
+    assert sorted(c.own) == sorted([STATE_FILE, "part-00000.parquet", temp_name("part-00003.parquet", rid),
+                                    temp_name(STATE_FILE, rid)])
+    assert sorted(c.foreign) == sorted(["part-00001.parquet", "part-00002.parquet",
+                                        temp_name("part-00003.parquet", other), "prepare_report.json"])
+    assert "says 12: changed since" in c.foreign["part-00001.parquet"]
+    with pytest.raises(ValueError, match="holds 4 file"):
+        c.check(overwrite=True)
+    # A record is read, never followed: a path that leaves the output makes it no record at all.
+    _record(tmp_path, rid, {"../outside.parquet": 1})
+    assert STATE_FILE in inspect_output(fs, str(tmp_path), "OUT").foreign
+
+
+def test_an_overwrite_stopped_while_deleting_leaves_everything_recorded(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    for i in range(3):
+        (tmp_path / f"part-0000{i}.parquet").write_bytes(b"x" * (i + 1))
+    (tmp_path / "dataset.json").write_text(json.dumps({"extra": {
+        "manifest": {"shards": [{"path": f"part-0000{i}.parquet", "bytes": i + 1} for i in range(3)]},
+        "prepare": {"tool": TOOL, "input": "/raw"}}}))
+    with pytest.raises(ValueError, match="complete prepared dataset"):
+        Run(fs, root, "OUT").start(overwrite=False)
+
+    class Stopped(BaseException):
+        pass
+
+    first = Run(fs, root, "OUT")
+    deleted = []
+
+    def delete_two(rel):  # stopped (a SIGKILL) after two deletions
+        if len(deleted) == 2:
+            raise Stopped
+        deleted.append(rel)
+        fs.delete_file(f"{root}/{rel}")
+
+    first._delete = delete_two
+    with pytest.raises(Stopped):
+        first.start(overwrite=True)
+    assert deleted == ["dataset.json", "part-00000.parquet"]  # dataset.json first
+    c = inspect_output(fs, root, "OUT")
+    assert c.complete is None and c.interrupted == [first.id] and not c.foreign
+    # The next run, without --overwrite, finds its own record and deletes the rest.
+    second = Run(fs, root, "OUT")
+    second.start(overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    second.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- line reader --------------------------------------------------------------------------------
@@ -139,6 +243,27 @@ def test_iter_lines_handles_crlf_bom_blocks_and_no_final_newline(tmp_path, monke
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
         tree.read_lines("nope.txt")
     assert tree.read_many(["f.txt", "nope.txt"]) == [text, None]
+
+
+def test_path_under_keeps_data_paths_inside_their_root():
+    cases = {
+        ("/data/imgs", "a/b.jpg"): "a/b.jpg",
+        ("/data/imgs", "a/../b.jpg"): "a/../b.jpg",
+        ("/data/imgs", "../../etc/hostname"): None,
+        ("/data/imgs", "a/../../b.jpg"): None,
+        ("/data/imgs", "/data/imgs/a/b.jpg"): "a/b.jpg",
+        ("/data/imgs", "/data/imgs/../secret.jpg"): None,
+        ("/data/imgs", "/data/imgsX/b.jpg"): None,  # a sibling that shares the prefix
+        ("/data/imgs", "/etc/hostname"): None,
+        ("/data/imgs", "s3://bucket/data/imgs/a.jpg"): None,
+        ("s3://bucket/imgs", "a//b.jpg"): "a//b.jpg",  # two keys on S3: not normalised
+        ("s3://bucket/imgs", "s3://bucket/imgs/a.jpg"): "a.jpg",
+        ("s3://bucket/imgs/", "s3://other-bucket/imgs/a.jpg"): None,
+        ("s3://bucket/imgs", "s3://bucket/imgs/../x.jpg"): None,
+        ("s3://bucket/imgs", "../x.jpg"): None,
+        ("s3://bucket/imgs", "/imgs/a.jpg"): None,
+    }
+    assert {k: source.path_under(*k) for k in cases} == cases
 
 
 # -- images -----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ image folder ``<split>/``; train and val together are the 123,287 images of COCO
   image's labels (row id = image id x 100 + caption rank) and keeps all captions of an image in the
   same split (sizes still count images).
 - Row ids are COCO image ids.
+- An image's ``file_name`` must name a file under its ``<split>/`` folder (no ``..`` out of it,
+  no absolute path elsewhere): one that does not stops the job.
 
 The instances files are parsed whole with ``json`` (instances_train2017.json is ~450 MB, ~3 GB of
 Python objects at the peak); only (image, category) pairs are kept once it is read. Images are
@@ -31,7 +33,7 @@ import logging
 
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, Row, SourceScan
 from dcgh_dist.data.prepare.report import SkipReport
-from dcgh_dist.data.prepare.source import InputTree, normalize_text, require_dir, require_file
+from dcgh_dist.data.prepare.source import InputTree, normalize_text, path_under, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +111,17 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
         elif cats != categories:
             raise ValueError(f"{tree.display(f'{ANNOTATIONS}/instances_{s}.json')}: categories differ from those of {splits[0]}")
         split_images: set[int] = set()
-        for im in [*cap.get("images", []), *inst.get("images", [])]:
+        listed = [(f"captions_{s}.json", im) for im in cap.get("images", [])]
+        listed += [(f"instances_{s}.json", im) for im in inst.get("images", [])]
+        for name, im in listed:
             iid = int(im["id"])
-            path = f"{s}/{im['file_name']}"
+            rel = path_under(tree.display(s), str(im["file_name"]))
+            if rel is None:
+                raise ValueError(
+                    f"{tree.display(f'{ANNOTATIONS}/{name}')}: image {iid} has file_name {im['file_name']!r}, "
+                    f"outside the image folder {tree.display(s)}/: a broken or hostile annotation file"
+                )
+            path = f"{s}/{rel}"
             if iid in images and images[iid] != path:
                 report.add("duplicate_image", iid, path, f"image id {iid} is also {images[iid]}")
                 continue

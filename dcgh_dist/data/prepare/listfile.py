@@ -8,6 +8,9 @@ Expected in ROOT::
     class_names.txt  optional: one class name a line
 
 Windows line endings and a UTF-8 BOM are accepted; backslashes in image paths are read as ``/``.
+An image path must stay under the image root (``source.path_under``: no ``..`` out of it; an
+absolute path, local or ``s3://``, must lie under it): one that does not stops the job, naming
+the line, before any image is read.
 The three files must have the same number of lines (trailing blank lines aside): if they do not,
 no line can be trusted to belong to its image, and the job stops with the counts.
 
@@ -24,7 +27,7 @@ from collections import Counter
 
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, Row, SourceScan
 from dcgh_dist.data.prepare.report import SkipReport
-from dcgh_dist.data.prepare.source import InputTree, decode_utf8, normalize_text, require_file
+from dcgh_dist.data.prepare.source import InputTree, decode_utf8, normalize_text, path_under, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +126,22 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
     first_id: dict[str, int] = {}
     for i in range(n):
         path_s = decode_utf8(imgs[i])
-        path = (path_s or "").strip().replace("\\", "/").lstrip("/")
-        src = f"{IMGS}:{i + 1} {path}"
+        written = (path_s or "").strip().replace("\\", "/")
+        src = f"{IMGS}:{i + 1} {written}"
         if path_s is None:
             report.add("text_not_utf8", i, f"{IMGS}:{i + 1}", "image path is not UTF-8")
             continue
-        if not path:
+        if not written:
             report.add("image_path_empty", i, src, f"{IMGS} line {i + 1} is empty")
             continue
+        path = path_under(image_root, written)
+        if path is None:
+            # Not a row to skip: a list that points outside its images is broken or hostile.
+            raise ValueError(
+                f"{tree.display(IMGS)} line {i + 1}: image path {written!r} is outside the image root "
+                f"{image_root}; paths in {IMGS} are relative to --image-root (or absolute under it) and "
+                "may not leave it with '..'"
+            )
         row = parsed[i]
         if row is None or len(row) != width:
             report.add("label_row_malformed", i, src,

@@ -11,6 +11,9 @@ alphabetical order, as in DCMH and the CLIP-hashing codebases that follow it). T
 files are the "relevant" subsets of some of these concepts (images where the concept is salient):
 every ``*_r1`` image is already in the plain file, so they add no labels and are not used.
 
+Image numbers come from the file names (``im01.jpg`` is image 1); two files for one number
+(``im01.jpg`` and ``im1.jpg``, or two tag files) stop the job with both names.
+
 The usual protocol keeps the images with at least one label and at least one tag from the
 vocabulary of tags that occur in at least 20 images (1,386 tags; 20,015 pairs). The text of a row
 is the image's vocabulary tags in file order, deduplicated, joined by spaces.
@@ -62,10 +65,26 @@ def check(tree: InputTree) -> None:
             )
 
 
+def _numbered(tree: InputTree, rel: str, pattern: re.Pattern) -> dict[int, str]:
+    """Image number -> file name of the files of ``rel`` that match ``pattern``. Two names for one
+    number (``im01.jpg`` and ``im1.jpg``) are an error: which one is the image is anyone's guess."""
+    found: dict[int, str] = {}
+    for name, _ in tree.list_files(rel):
+        if m := pattern.fullmatch(name):
+            n = int(m.group(1))
+            if n in found:
+                raise ValueError(
+                    f"{tree.display(f'{rel}/{found[n]}')} and {tree.display(f'{rel}/{name}')} are both for image "
+                    f"number {n}: remove one of them"
+                )
+            found[n] = name
+    return found
+
+
 def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan:
     check(tree)
-    images = {int(m.group(1)) for name, _ in tree.list_files(IMAGES_DIR) if (m := _IMAGE_RE.fullmatch(name))}
-    tag_files = {int(m.group(1)): name for name, _ in tree.list_files(TAGS_DIR) if (m := _TAGS_RE.fullmatch(name))}
+    images = _numbered(tree, IMAGES_DIR, _IMAGE_RE)
+    tag_files = _numbered(tree, TAGS_DIR, _TAGS_RE)
 
     # Labels: concept index -> image numbers.
     labels: dict[int, set[int]] = {}
@@ -80,7 +99,7 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
                 continue
             labels.setdefault(int(s), set()).add(ci)
 
-    numbers = sorted(images | set(tag_files))
+    numbers = sorted(set(images) | set(tag_files))
     for n in sorted(set(labels) - set(numbers)):
         report.add("annotation_unknown_image", n, f"{ANNOTATIONS_DIR}/*.txt",
                    f"image number {n} is annotated but has neither im{n}.jpg nor tags{n}.txt")
@@ -111,10 +130,12 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
 
     candidates: list[Candidate] = []
     for n in numbers:
-        src = f"{IMAGES_DIR}/im{n}.jpg"
+        # The file's own name (im01.jpg is image 1): a missing image is reported as im{n}.jpg.
+        src = f"{IMAGES_DIR}/{images.get(n, f'im{n}.jpg')}"
         if n not in tags:
             reason = bad_tags.get(n, "tags_missing")
-            report.add(reason, n, src, f"{TAGS_DIR}/tags{n}.txt " + ("is not UTF-8" if reason == "text_not_utf8" else "not found"))
+            report.add(reason, n, src, f"{TAGS_DIR}/{tag_files.get(n, f'tags{n}.txt')} "
+                       + ("is not UTF-8" if reason == "text_not_utf8" else "not found"))
             continue
         lab = tuple(sorted(labels.get(n, ())))
         if not lab:

@@ -10,7 +10,7 @@ Expected under ROOT (the names of the NUS-WIDE archives, unpacked)::
     ConceptsList/Concepts81.txt                optional: the concept list to expect
 
 Image paths are the last two components of each Imagelist line (backslashes allowed: the list
-was written on Windows), looked up under the image folder.
+was written on Windows), looked up under the image folder; a ``..`` among them stops the job.
 
 The usual protocol keeps the k most frequent concepts (21, or 10 for ``nuswide-top10``; counted
 over all images, ties broken by name) and the images with at least one of them and non-empty
@@ -29,7 +29,7 @@ import numpy as np
 
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, Row, SourceScan
 from dcgh_dist.data.prepare.report import SkipReport
-from dcgh_dist.data.prepare.source import InputTree, decode_utf8, require_dir, require_file
+from dcgh_dist.data.prepare.source import InputTree, decode_utf8, path_under, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
         if c in bad_in_top:
             malformed |= bad
         else:
-            for i in np.flatnonzero(bad)[:1000]:
+            for i in np.flatnonzero(bad):
                 report.add("annotation_bad_line", int(i), f"{LABELS_DIR}/Labels_{c}.txt:{i + 1}",
                            "not 0/1 (concept not among the kept ones: read as 0)")
     del columns
@@ -227,6 +227,11 @@ def scan(tree: InputTree, opts: LayoutOptions, report: SkipReport) -> SourceScan
         if not rel:
             report.add("image_path_empty", i, src, f"{IMAGE_LIST} line {i + 1} is empty")
             continue
+        if path_under(image_root, rel) is None:
+            raise ValueError(
+                f"{tree.display(IMAGE_LIST)} line {i + 1}: image path {rel!r} is outside the image folder "
+                f"{image_root} (a '..' component): a broken or hostile list"
+            )
         if malformed[i]:
             files = ", ".join(f"Labels_{c}.txt" for c, bad in bad_in_top.items() if bad[i])
             report.add("label_row_malformed", i, src, f"line {i + 1} of {files} is not 0 or 1")

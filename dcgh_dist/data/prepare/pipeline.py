@@ -10,7 +10,9 @@ Stages:
    of images, never the dataset, and the written order does not depend on worker timing.
 4. **Write** (the main process): splits are handed out along the order to the items whose image
    is fine, rows go to the streaming shard writer, then the skip report and, last, dataset.json
-   with the shard manifest.
+   with the shard manifest. Before anything is written, the run's record goes into the output
+   and what an earlier run left there is deleted; each shard is recorded, then moved from its
+   temporary name to its final one (output.py: what the job may delete, and why).
 
 Why a process pool and not Ray Data: preparation is a one-off job on one machine whose cost is
 image decoding; a pool of spawned processes parallelises exactly that with no cluster to start,
@@ -23,7 +25,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -33,10 +34,11 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
-from dcgh_dist.data.format import INFO_FILE, DatasetInfo, join, resolve_filesystem, write_text_atomic
+from dcgh_dist.data.format import INFO_FILE, DatasetInfo, resolve_filesystem
 from dcgh_dist.data.prepare import coco, listfile, mirflickr, nuswide
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, SourceScan
 from dcgh_dist.data.prepare.images import ImageOptions, ImageResult, init_worker, process_chunk, warm_up
+from dcgh_dist.data.prepare.output import TOOL, OutputContents, Run, inspect_output
 from dcgh_dist.data.prepare.report import REPORT_FILE, SkipReport, report_json
 from dcgh_dist.data.prepare.source import InputTree
 from dcgh_dist.data.prepare.splits import SplitAssigner, SplitSizes, seeded_order
@@ -48,10 +50,9 @@ logger = logging.getLogger(__name__)
 LAYOUT_NAMES = ("auto", "raw", "list")
 # The raw layout of each preset (the list layout works for all of them).
 RAW_LAYOUTS = {"mirflickr": mirflickr, "nuswide": nuswide, "coco": coco}
-# Image failures tolerated before the job stops, whatever --max-image-errors says: a handful of
-# bad files in a tiny dataset should be reported, not abort the run.
+# Image (and metadata) failures tolerated before the job stops, whatever --max-image-errors says:
+# a handful of bad files in a tiny dataset should be reported, not abort the run.
 MIN_TOLERATED_IMAGE_ERRORS = 10
-_OWN_FILE = re.compile(r"(part-\d{5}\.parquet|dataset\.json(\.tmp)?|prepare_report\.json)")
 
 
 @dataclass(frozen=True)
@@ -167,20 +168,23 @@ def _layout_options(opts: PrepareOptions) -> LayoutOptions:
     )
 
 
-def check_output(fs: pafs.FileSystem, root: str, display: str, overwrite: bool) -> list[str]:
-    """Files to delete before writing; refuses foreign files, and our own without ``overwrite``."""
-    sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-    rels = sorted(i.path[len(root.rstrip("/")) + 1:] for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
-    foreign = [r for r in rels if not _OWN_FILE.fullmatch(r)]
-    if foreign:
-        raise ValueError(
-            f"output {display} already holds files that jobs/prepare_data.py did not write ({foreign[0]}"
-            f"{', ...' if len(foreign) > 1 else ''}); choose an empty directory or prefix"
-        )
-    if rels and not overwrite:
-        raise ValueError(f"output {display} already holds a prepared dataset; pass --overwrite to replace it")
-    # dataset.json first: once it is gone no reader takes the old shards for a complete dataset.
-    return sorted(rels, key=lambda r: (r != INFO_FILE, r))
+def check_output(fs: pafs.FileSystem, root: str, display: str, overwrite: bool) -> OutputContents:
+    """What the output holds; refuses files this job cannot prove it wrote, and a complete dataset
+    without ``overwrite`` (output.py has the rules)."""
+    contents = inspect_output(fs, root, display)
+    contents.check(overwrite)
+    return contents
+
+
+def warn_metadata_errors(report: SkipReport, layout: str) -> None:
+    """One warning per reason of broken metadata, with its count and first example: the report
+    has them all, but a file read wrongly (a column too many) should be seen on the console."""
+    for reason, d in report.to_dict().items():
+        if d["kind"] != "protocol":
+            first = d["first"][0]
+            logger.warning("%s: %d %s (%s): %s; first: id %s (%s): %s", layout, d["count"],
+                           "skipped" if d["kind"] == "error" else "ignored", reason, d["description"],
+                           first["id"], first["source"], first["detail"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,22 +259,21 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
     if not tree.exists():
         raise FileNotFoundError(f"input {opts.input} does not exist")
     out_fs, out_root = resolve_filesystem(opts.output, opts.s3_endpoint)
-    stale = check_output(out_fs, out_root, opts.output, opts.overwrite)  # fail before the long part
+    check_output(out_fs, out_root, opts.output, opts.overwrite)  # fail before the long part
     layout = resolve_layout(opts.dataset, tree, opts.layout)
     lopts = _layout_options(opts)
     workers = default_workers() if opts.workers is None else opts.workers
 
     pool = start_pool(workers, opts.s3_endpoint, lopts.image)
     try:
-        return _run(opts, sizes, tree, layout, lopts, out_fs, out_root, stale, pool, workers, t0)
+        return _run(opts, sizes, tree, layout, lopts, Run(out_fs, out_root, opts.output), pool, workers, t0)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run(opts: PrepareOptions, sizes: SplitSizes, tree: InputTree, layout: ModuleType, lopts: LayoutOptions,
-         out_fs: pafs.FileSystem, out_root: str, stale: list[str], pool: ProcessPoolExecutor | None,
-         workers: int, t0: float) -> PrepareResult:
+         run: Run, pool: ProcessPoolExecutor | None, workers: int, t0: float) -> PrepareResult:
     report = SkipReport()
     logger.info("reading the %s metadata of %s (%s layout)", opts.dataset, opts.input, layout.NAME)
     scan: SourceScan = layout.scan(tree, lopts, report)
@@ -279,16 +282,12 @@ def _run(opts: PrepareOptions, sizes: SplitSizes, tree: InputTree, layout: Modul
     n_cand = len(scan.candidates)
     logger.info("%d of %d items pass the metadata checks; %d skipped so far", n_cand, scan.items_seen,
                 report.total("protocol") + report.total("error"))
+    warn_metadata_errors(report, scan.layout)
     info_base = DatasetInfo(name=opts.dataset, num_classes=len(scan.class_names),
                             class_names=tuple(scan.class_names), description=scan.description)
-
-    for rel in stale:
-        out_fs.delete_file(join(out_root, rel))
-    if not isinstance(out_fs, pafs.S3FileSystem):
-        out_fs.create_dir(out_root, recursive=True)
-    report_path = join(out_root, REPORT_FILE)
     report_display = f"{opts.output.rstrip('/')}/{REPORT_FILE}"
     list_unit = scan.layout == listfile.NAME  # the list layout accounts for lines, others for items
+    unit = "line" if list_unit else "item"
 
     state: dict[str, Any] = {"images_processed": 0, "items_written": 0, "rows_written": 0}
     split_rows = {"query": 0, "val": 0, "train": 0, "db": 0}
@@ -304,7 +303,7 @@ def _run(opts: PrepareOptions, sizes: SplitSizes, tree: InputTree, layout: Modul
             "layout": scan.layout,
             "input": opts.input,
             "output": opts.output,
-            "unit": "line" if list_unit else "item",
+            "unit": unit,
             "source_items": scan.items_seen,
             "candidates": n_cand,
             "images_processed": state["images_processed"],
@@ -316,30 +315,45 @@ def _run(opts: PrepareOptions, sizes: SplitSizes, tree: InputTree, layout: Modul
             # source_items = written + dropped when nothing was lost; reported, not assumed.
             "unaccounted": scan.items_seen - written_units - dropped if status == "ok" else None,
         }
-        with out_fs.open_output_stream(report_path) as f:
-            f.write(report_json({**summary, "reasons": report.to_dict()}).encode("utf-8"))
+        run.write_text(REPORT_FILE, report_json({**summary, "reasons": report.to_dict()}))
         return summary
 
     def fail(message: str) -> PrepareError:
         write_report("failed", message)
         return PrepareError(f"{message} (report: {report_display})", report_display, report)
 
-    if n_cand < max(1, sizes.required):
-        raise fail(
-            f"only {n_cand} items pass the checks, fewer than query + val + train = {sizes.required}: "
-            "lower --query/--val/--train or fix the input"
-        )
-
-    ordered = seeded_order(scan.candidates, opts.seed)
-    scan.candidates = []  # the ordered list holds them now
-    writer = ShardWriter(out_fs, out_root, info_base, shard_bytes=opts.shard_bytes,
-                         row_group_bytes=opts.row_group_bytes, display_root=opts.output.rstrip("/"))
-    allowed_errors = max(MIN_TOLERATED_IMAGE_ERRORS, int(opts.max_image_errors * n_cand))
-    image_errors = 0
-    input_bytes = 0
+    writer: ShardWriter | None = None
     progress = _Progress(n_cand, opts.progress)
-    logger.info("reading %d images with %d worker process(es) into %s", n_cand, workers, opts.output)
     try:
+        # Whatever an earlier run left (a dataset, with --overwrite; an interrupted run's files) goes now.
+        run.start(opts.overwrite)
+        # Broken metadata is tolerated in the same share as broken images: beyond it, the input
+        # is more likely read wrongly (a label file of another width, the wrong list) than damaged.
+        metadata_errors = report.total("error")
+        if metadata_errors > max(MIN_TOLERATED_IMAGE_ERRORS, int(opts.max_image_errors * scan.items_seen)):
+            reason, d = max(((r, d) for r, d in report.to_dict().items() if d["kind"] == "error"),
+                            key=lambda rd: rd[1]["count"])
+            first = d["first"][0]
+            raise fail(
+                f"{metadata_errors} of the {scan.items_seen} {unit}s of the input have broken metadata, more than "
+                f"--max-image-errors {opts.max_image_errors:g} allows; most are {reason} ({d['count']}: "
+                f"{d['description']}), first: id {first['id']} ({first['source']}): {first['detail']}"
+            )
+        if n_cand < max(1, sizes.required):
+            raise fail(
+                f"only {n_cand} items pass the checks, fewer than query + val + train = {sizes.required}: "
+                "lower --query/--val/--train or fix the input"
+            )
+
+        ordered = seeded_order(scan.candidates, opts.seed)
+        scan.candidates = []  # the ordered list holds them now
+        writer = ShardWriter(run.fs, run.root, info_base, shard_bytes=opts.shard_bytes,
+                             row_group_bytes=opts.row_group_bytes, display_root=opts.output.rstrip("/"),
+                             run_id=run.id, before_publish=lambda e: run.record(e.path, e.bytes))
+        allowed_errors = max(MIN_TOLERATED_IMAGE_ERRORS, int(opts.max_image_errors * n_cand))
+        image_errors = 0
+        input_bytes = 0
+        logger.info("reading %d images with %d worker process(es) into %s", n_cand, workers, opts.output)
         for cand, res in iter_images(ordered, scan.image_root, pool, opts.chunk_size, window=2 * workers + 2,
                                      s3_endpoint=opts.s3_endpoint, image_opts=lopts.image):
             state["images_processed"] += 1
@@ -364,64 +378,59 @@ def _run(opts: PrepareOptions, sizes: SplitSizes, tree: InputTree, layout: Modul
             state["items_written"] += 1
             state["rows_written"] += len(cand.rows)
         shards = writer.close()
-    except BaseException:
-        writer.abort()
         progress.close()
-        _remove(out_fs, out_root, writer.opened)
-        raise
-    progress.close()
 
-    short = assigner.shortfall()
-    if short or not state["items_written"]:
-        _remove(out_fs, out_root, writer.opened)
-        raise fail(
-            f"after skipping unusable images, {assigner.assigned} items remain: not enough for the split "
-            f"sizes (missing {short}); lower --query/--val/--train or fix the input"
-        )
-    summary = write_report("ok", None)
-    if summary["unaccounted"]:
-        logger.warning("%d items are neither written nor in the skip report: please report this", summary["unaccounted"])
+        short = assigner.shortfall()
+        if short or not state["items_written"]:
+            raise fail(
+                f"after skipping unusable images, {assigner.assigned} items remain: not enough for the split "
+                f"sizes (missing {short}); lower --query/--val/--train or fix the input"
+            )
+        summary = write_report("ok", None)
+        if summary["unaccounted"]:
+            logger.warning("%d items are neither written nor in the skip report: please report this",
+                           summary["unaccounted"])
 
-    info = DatasetInfo(
-        name=info_base.name,
-        num_classes=info_base.num_classes,
-        class_names=info_base.class_names,
-        description=info_base.description,
-        extra={
-            "manifest": manifest_dict(shards),
-            "prepare": {
-                "tool": "jobs/prepare_data.py",
-                "dataset": opts.dataset,
-                "layout": summary["layout"],
-                "input": opts.input,
-                "seed": opts.seed,
-                "order": "ascending blake2b-64 of 'seed:id'",
-                "split_sizes": sizes.as_dict(),
-                "split_items": summary["split_items"],
-                "split_rows": summary["split_rows"],
-                "max_side": opts.max_side,
-                "jpeg_quality": opts.jpeg_quality if opts.max_side else None,
-                "shard_bytes": opts.shard_bytes,
-                "source": scan.details,
-                "skipped": report.reasons,
-                "report": REPORT_FILE,
+        info = DatasetInfo(
+            name=info_base.name,
+            num_classes=info_base.num_classes,
+            class_names=info_base.class_names,
+            description=info_base.description,
+            extra={
+                "manifest": manifest_dict(shards),
+                "prepare": {
+                    "tool": TOOL,
+                    "dataset": opts.dataset,
+                    "layout": summary["layout"],
+                    "input": opts.input,
+                    "seed": opts.seed,
+                    "order": "ascending blake2b-64 of 'seed:id'",
+                    "split_sizes": sizes.as_dict(),
+                    "split_items": summary["split_items"],
+                    "split_rows": summary["split_rows"],
+                    "max_side": opts.max_side,
+                    "jpeg_quality": opts.jpeg_quality if opts.max_side else None,
+                    "shard_bytes": opts.shard_bytes,
+                    "source": scan.details,
+                    "skipped": report.reasons,
+                    "report": REPORT_FILE,
+                },
             },
-        },
-    )
-    write_text_atomic(out_fs, join(out_root, INFO_FILE), info.to_json())  # last: marks completion
+        )
+        run.write_text(INFO_FILE, info.to_json())  # last: marks completion
+        run.finish()
+    except BaseException:
+        # An error or a signal (SIGINT, or SIGTERM through jobs/prepare_data.py): delete what this
+        # run wrote, keeping the report of a failure.
+        if writer is not None:
+            writer.abort()
+        progress.close()
+        run.abort()
+        raise
     seconds = time.perf_counter() - t0
     return PrepareResult(output=opts.output, info=info, shards=shards, report=report,
                          report_path=report_display, summary=summary, seconds=seconds,
                          input_image_bytes=input_bytes, details=scan.details)
-
-
-def _remove(fs: pafs.FileSystem, root: str, rels: Sequence[str]) -> None:
-    """Delete the shards of a failed run: only the report should be left to read."""
-    for rel in rels:
-        try:
-            fs.delete_file(join(root, rel))
-        except OSError:
-            logger.warning("could not delete the partial shard %s", join(root, rel))
 
 
 class _Progress:

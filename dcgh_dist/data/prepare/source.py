@@ -10,6 +10,8 @@ single bad line can be skipped and counted instead of failing the file.
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -154,6 +156,37 @@ class InputTree:
         blocks = [rels[i:i + block] for i in range(0, len(rels), block)]
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return [data for part in pool.map(lambda b: [one(r) for r in b], blocks) for data in part]
+
+
+def path_under(root: str, path: str) -> str | None:
+    """``path``, read from a data file, as a path relative to the image root ``root``; ``None`` if
+    it names a place outside it.
+
+    A relative path must not climb out with ``..`` (``a/../b`` is fine, ``../b`` is not); an
+    absolute one (``/data/x.jpg``, ``s3://bucket/x.jpg``) must lie under ``root`` on the same kind
+    of storage. The test is on the names, as S3 has no other: a symbolic link inside a local
+    image root is followed, as the user who made it meant it to be. Paths are returned as they
+    are, but for the root's part of an absolute one (on S3, ``a//b`` and ``a/b`` are two keys).
+    """
+    if path.startswith(("s3://", "/")):
+        on_s3 = root.startswith("s3://")
+        if path.startswith("s3://") != on_s3:
+            return None
+        base = (root[len("s3://"):] if on_s3 else os.path.abspath(root.removeprefix("file://"))).rstrip("/")
+        # (an S3 key is not normalised: there, "a/../b" is a name of its own, checked below)
+        full = path[len("s3://"):] if on_s3 else posixpath.normpath(path)
+        if not full.startswith(base + "/"):
+            return None
+        path = full[len(base) + 1:]
+    depth = 0
+    for part in path.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif part not in ("", "."):
+            depth += 1
+    return path
 
 
 def decode_utf8(line: bytes) -> str | None:

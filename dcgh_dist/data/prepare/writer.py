@@ -7,7 +7,9 @@ Parquet settings are fixed (per-column compression, statistics, dictionary), so 
 byte-identical shards. Only one row group is held in memory at a time.
 
 Checksums are computed from the bytes as they are written (no second read, which on S3 would be
-a second download).
+a second download). Each shard is written under a temporary name (``output.temp_name``) and moved
+to its final name only once it is complete, so a final name never holds a partial shard; a
+``before_publish`` callback (the run record, in the job) hears of each shard before the move.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dcgh_dist.data.format import DatasetInfo, dataset_schema, join, validate_table
+from dcgh_dist.data.prepare.output import new_run_id, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +116,15 @@ class ShardWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         row_group_bytes: int | None = None,
         display_root: str | None = None,
+        run_id: str | None = None,
+        before_publish: Callable[[ShardEntry], None] | None = None,
     ):
         if shard_bytes < 1:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.fs, self.root, self.info = fs, root, info
         self.display_root = display_root or root
+        self.run_id = run_id or new_run_id()  # names the temporary files
+        self.before_publish = before_publish
         self.schema = dataset_schema(info)
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes or DEFAULT_ROW_GROUP_BYTES, shard_bytes)
@@ -132,7 +139,6 @@ class ShardWriter:
         self._shard_ids: tuple[int, int] | None = None
         self.rows_written = 0
         self.payload_bytes = 0
-        self.opened: list[str] = []  # every shard started, finished or not (for clean-up)
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -165,12 +171,14 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Close whatever is open without recording it (the job failed)."""
+        """Close and delete the shard being written, without recording it (the job failed).
+        Shards already moved to their final names are the caller's (the run record lists them)."""
         try:
             if self._writer is not None:
                 self._writer.close()
             if self._sink is not None:
                 self._sink.close()
+                self.fs.delete_file(join(self.root, temp_name(self._rel, self.run_id)))
         except Exception:  # noqa: BLE001 - best effort on the way out of a failure
             logger.debug("error while aborting shard writer", exc_info=True)
         self._writer = self._sink = None
@@ -178,10 +186,8 @@ class ShardWriter:
     # -- internals ---------------------------------------------------------------------------
 
     def _open_shard(self) -> None:
-        rel = SHARD_PATTERN.format(len(self.shards))
-        self._rel = rel
-        self.opened.append(rel)
-        self._sink = _HashingSink(self.fs.open_output_stream(join(self.root, rel)))
+        self._rel = SHARD_PATTERN.format(len(self.shards))
+        self._sink = _HashingSink(self.fs.open_output_stream(join(self.root, temp_name(self._rel, self.run_id))))
         self._writer = pq.ParquetWriter(self._sink, self.schema, **parquet_writer_options(self.schema))
         self._shard_bytes_so_far = 0
         self._shard_rows = 0
@@ -203,17 +209,19 @@ class ShardWriter:
         self._flush_row_group()
         self._writer.close()
         self._sink.close()
-        self.shards.append(
-            ShardEntry(
-                path=self._rel,
-                rows=self._shard_rows,
-                bytes=self._sink.size,
-                sha256=self._sink.hexdigest(),
-                splits=dict(sorted(self._shard_splits.items())),
-                id_min=self._shard_ids[0] if self._shard_ids else None,
-                id_max=self._shard_ids[1] if self._shard_ids else None,
-            )
+        entry = ShardEntry(
+            path=self._rel,
+            rows=self._shard_rows,
+            bytes=self._sink.size,
+            sha256=self._sink.hexdigest(),
+            splits=dict(sorted(self._shard_splits.items())),
+            id_min=self._shard_ids[0] if self._shard_ids else None,
+            id_max=self._shard_ids[1] if self._shard_ids else None,
         )
+        if self.before_publish is not None:
+            self.before_publish(entry)
+        self.fs.move(join(self.root, temp_name(self._rel, self.run_id)), join(self.root, self._rel))
+        self.shards.append(entry)
         logger.info("wrote %s/%s: %d rows, %.1f MB", self.display_root, self._rel, self._shard_rows,
                     self._sink.size / 1e6)
         self._writer = self._sink = None
@@ -235,6 +243,7 @@ def verify_manifest(uri: str, s3_endpoint: str | None = None) -> list[str]:
     unlisted Parquet file sits in the dataset (a leftover of another run would add rows).
     """
     from dcgh_dist.data.format import list_data_files, read_dataset_info, resolve_filesystem
+    from dcgh_dist.data.prepare.source import path_under
 
     info = read_dataset_info(uri, s3_endpoint)
     manifest = info.extra.get("manifest")
@@ -244,6 +253,9 @@ def verify_manifest(uri: str, s3_endpoint: str | None = None) -> list[str]:
     problems = []
     listed = set()
     for entry in manifest["shards"]:
+        if path_under(uri, entry["path"]) != entry["path"]:  # read only what lies in the dataset
+            problems.append(f"{uri}: manifest path {entry['path']!r} is not a file under the dataset root")
+            continue
         path = join(root, entry["path"])
         listed.add(path)
         h = hashlib.sha256()
