@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train.machine
 
@@ -49,21 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_checkpoint(path: str, preset: str, info) -> str:
-    import torch
-
     from dcgh_dist.config import Config, ModelConfig
-    from dcgh_dist.losses import ClassProxies
-    from dcgh_dist.models import build_model
-    from dcgh_dist.train.checkpoint import CheckpointMeta, architecture_of, save_checkpoint
+    from dcgh_dist.models.checkpoint import save_untrained
 
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    cfg = Config(model=ModelConfig(clip_preset=preset, bits=64))
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_checkpoint(path, model.state_dict(), ClassProxies(info.num_classes, 64).state_dict(),
-                    CheckpointMeta(cfg, info, architecture=architecture_of(model)))
-    return path
+    return save_untrained(path, Config(model=ModelConfig(clip_preset=preset, bits=64)), info)
 
 
 def model_throughput(ckpt: str, dataset: str, batch: int, device: str = "cpu") -> list[dict]:
@@ -73,31 +66,27 @@ def model_throughput(ckpt: str, dataset: str, batch: int, device: str = "cpu") -
     import pyarrow.parquet as pq
     import torch
 
-    from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.encoding import bit_agreement, encode_preprocessor, encode_relaxed
-    from dcgh_dist.train.checkpoint import load_model
+    from dcgh_dist.models.encoder import Encoder
 
-    model, meta = load_model(ckpt, device=device)
+    encoders = {p: Encoder.from_checkpoint(ckpt, device=device, precision=p) for p in ("fp32", "bf16")}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    info = read_dataset_info(dataset)
     table = pq.read_table(sorted(glob.glob(os.path.join(dataset, "*.parquet")))[0]).slice(0, batch)
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "image", "text")}
-    vision = (meta.architecture or {}).get("vision", {})
-    x = encode_preprocessor(meta.config, info, ("image", "text"), vision.get("image_size"))(rows)
+    x = encoders["fp32"].preprocessor(("image", "text"))(rows)
     out = []
     for mod in ("image", "text"):
         inp = torch.as_tensor(x[mod]).to(device)
         res = {"modality": mod, "threads": torch.get_num_threads(), "batch": batch}
-        for precision in ("fp32", "bf16"):
-            encode_relaxed(model, mod, inp, precision)  # warm-up
+        for precision, enc in encoders.items():
+            enc.relaxed(mod, inp)  # warm-up
             sync()
             reps, t0 = 0, time.perf_counter()
             while reps < 2 or time.perf_counter() - t0 < 3.0:
-                encode_relaxed(model, mod, inp, precision)
+                enc.relaxed(mod, inp)
                 reps += 1
             sync()  # GPU kernels run asynchronously: time their completion, not their launch
             res[f"{precision}_items_s"] = reps * batch / (time.perf_counter() - t0)
-        res["bf16_bit_agreement"] = bit_agreement(model, mod, inp)
+        res["bf16_bit_agreement"] = encoders["fp32"].bit_agreement(mod, inp)
         out.append(res)
     return out
 
@@ -106,7 +95,8 @@ def job_seconds(ckpt: str, dataset: str, work: str, modality: str, batch: int,
                 use_gpu: bool = False) -> tuple[int, float]:
     import shutil
 
-    from dcgh_dist.encoding import EncodeConfig, run_encode
+    from dcgh_dist.config import EncodeConfig
+    from dcgh_dist.encoding import run_encode
 
     out = os.path.join(work, f"codes-{os.path.basename(ckpt)}-{modality}")
     shutil.rmtree(out, ignore_errors=True)
@@ -188,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                     "job_items_s": n2 / t2, "fixed_s": t1 - n1 / rate if rate == rate else None})
                     logger.info("%s", results[-1])
 
-    from bench_train import machine
 
     print(f"\nMachine: {machine()}; model on {device}, {torch.get_num_threads()} torch threads, "
           f"batch {args.batch}")

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
 
 
 def _random_data(
@@ -75,17 +76,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     return n_query, n_db
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -118,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from dcgh_dist.metrics import mean_average_precision, retrieval_metrics
 
     print(
-        f"CPU: {_cpu_model()}; os.cpu_count() = {os.cpu_count()}; numpy {np.__version__}; "
+        f"Machine: {machine()}; numpy {np.__version__}; "
         f"load average before: {_load_average()}"
     )
     print(

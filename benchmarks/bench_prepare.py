@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,26 +72,6 @@ def generate_tree(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> i
     for name, ids in zip(CONCEPTS, members):
         (root / "mirflickr25k_annotations_v080" / f"{name}.txt").write_text("".join(f"{i}\r\n" for i in sorted(ids)))
     return total
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = float("nan")
-    import PIL
-    import pyarrow
-
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"pyarrow {pyarrow.__version__}, Pillow {PIL.__version__}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

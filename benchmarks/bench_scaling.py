@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Sequence
 
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "jobs"))
@@ -87,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     import yaml
 
     import train as train_job  # jobs/train.py
-    from bench_train import machine
     from dcgh_dist.ray_session import ray_session
 
     rows = []

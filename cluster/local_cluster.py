@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dcgh_dist", "local_cluster")
 
 
@@ -133,10 +135,12 @@ def serve(args: argparse.Namespace) -> None:
         "auth_token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
         "procs": [[p.pid, p.create_time()] for p in [me, *me.children(recursive=True)]],
     }
-    tmp = _state_file(args.state_dir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, _state_file(args.state_dir))
+    import pyarrow.fs as pafs
+
+    from dcgh_dist.storage import write_text_atomic
+
+    # start() polls for this file: it must appear whole
+    write_text_atomic(pafs.LocalFileSystem(), os.path.abspath(_state_file(args.state_dir)), json.dumps(state, indent=2))
     try:
         while not stop["now"]:
             time.sleep(0.5)

@@ -142,6 +142,114 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EncodeConfig:
+    """``jobs/encode.py``: how items are hashed into code shards; saved in ``encode.json`` and in
+    every code shard."""
+
+    batch_size: int = 256  # rows per model call
+    concurrency: int = 1  # model actors (one per GPU on a GPU cluster)
+    actor_cpus: float = 1.0  # CPUs (= torch threads) per CPU actor
+    preprocess_batch_size: int = 64  # rows per decode/tokenize task batch
+    preprocess_cpus: float = 1.0  # CPUs per decode/tokenize task
+    use_gpu: bool | None = None  # None: GPU actors when the cluster has GPUs
+    # auto: bf16 on GPU when a calibration batch agrees with fp32 on >= bf16_min_agreement of
+    # the bits, fp32 otherwise and on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    bf16_min_agreement: float = 0.999
+    splits: tuple[str, ...] | None = None  # None: every row
+    throttle_s: float = 0.0  # testing aid: the driver sleeps this long per batch
+
+    def __post_init__(self):
+        for name in ("batch_size", "concurrency", "preprocess_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``jobs/prepare_data.py``: how a raw benchmark tree becomes a dataset (docs/PREPARE_DATA.md)."""
+
+    layout: Literal["auto", "raw", "list"] = "auto"
+    seed: int = 0  # split seed
+    query: int | None = None  # split sizes; None = the preset's (the paper's)
+    val: int | None = None  # None = half the query size, carved from the non-query rows
+    train: int | None = None
+    shard_bytes: int = 256 << 20  # target shard size
+    row_group_bytes: int | None = None  # None = min(64 MiB, shard_bytes)
+    max_side: int | None = None  # shrink larger images to this side and re-encode as JPEG
+    jpeg_quality: int = 90
+    workers: int | None = None  # image worker processes; None = cores - 1 (at least 1); 0 = in-process
+    chunk_size: int = 32  # images per worker task
+    max_image_errors: float = 0.05  # stop past this fraction of unusable images (or broken metadata)
+    coco_captions: Literal["first", "join", "all"] = "first"
+    nus_text: Literal["auto", "alltags", "tags1k"] = "auto"
+    top_k: int | None = None  # NUS-WIDE: the k most frequent concepts; None = the preset's
+    min_tag_images: int = 20  # MIRFLICKR: tag vocabulary = tags of at least this many images
+
+
+INDEX_TYPES = ("flat", "ivf", "multihash")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How ``jobs/build_index.py`` builds an index; saved verbatim in the manifest.
+
+    * ``flat``: ``IndexBinaryFlat``, exact k-NN and radius search, N x K/8 bytes, every query scans
+      everything. Fits up to a few hundred million codes per machine, and evaluation.
+    * ``ivf``: ``IndexBinaryIVF`` with ``nlist`` lists, ``nprobe`` searched; trained once on
+      ``train_size`` codes sampled from all shards, shared by every shard. Approximate, fast at
+      large N; ids stored in the lists (+8 bytes/item).
+    * ``multihash``: ``IndexBinaryMultiHash`` with ``mh_nhash`` hash tables over substrings of
+      ``mh_bits_per_hash`` bits, ``mh_nflip`` flips probed. Radius search is exact up to
+      ``nhash * (nflip + 1) - 1`` (pigeonhole); k-NN is approximate. For "everything within r bits"
+      queries with small r.
+    """
+
+    index_type: Literal["flat", "ivf", "multihash"] = "flat"
+    shard_size: int = 10_000_000
+    nlist: int = 1024
+    nprobe: int = 16
+    train_size: int | None = None  # None = 64 * nlist (FAISS wants >= 39 per centroid)
+    mh_nhash: int | None = None  # None = bits // 16
+    mh_bits_per_hash: int | None = None  # None = bits // mh_nhash
+    mh_nflip: int = 1
+    seed: int = 0
+    task_cpus: float = 1.0  # CPUs per Ray build task (FAISS threads inside it)
+    # Builds whose shards a rebuild keeps: the new one and keep_builds - 1 before it, so a server
+    # still holding the previous manifest keeps working until it reloads.
+    keep_builds: int = 2
+
+    def __post_init__(self):
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index.index_type must be one of {list(INDEX_TYPES)}, got {self.index_type!r}")
+        for name in ("shard_size", "nlist", "nprobe", "keep_builds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"index.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mh_nflip < 0:
+            raise ValueError(f"index.mh_nflip must be >= 0, got {self.mh_nflip}")
+
+    def multihash_params(self, bits: int) -> tuple[int, int, int]:
+        """(nhash, bits per hash, nflip) resolved for a bit width; checked against it."""
+        nhash = self.mh_nhash or max(1, bits // 16)
+        b = self.mh_bits_per_hash or bits // nhash
+        if nhash * b > bits or b < 1 or b > 64:
+            raise ValueError(
+                f"multihash: {nhash} hashes x {b} bits do not fit in {bits}-bit codes "
+                "(need nhash * bits_per_hash <= bits, 1 <= bits_per_hash <= 64)"
+            )
+        return nhash, b, self.mh_nflip
+
+    def exact_radius(self, bits: int) -> int | None:
+        """Largest radius whose range search is exact; None = any radius (flat)."""
+        if self.index_type == "flat":
+            return None
+        if self.index_type == "multihash":
+            nhash, _, nflip = self.multihash_params(bits)
+            return nhash * (nflip + 1) - 1
+        return -1  # ivf: never guaranteed
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -149,6 +257,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -264,6 +375,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def config_section(cls: type, data: Mapping[str, Any], prefix: str):
+    """One section of the tree (e.g. ``IndexConfig`` from a manifest's ``index``), type-checked
+    and coerced like the whole tree; errors name ``prefix.key``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config {prefix}: expected a mapping, got {data!r}")
+    return _from_plain(cls, data, prefix)
+
+
 def _from_plain(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -310,8 +429,12 @@ def load_config(
     yaml_path: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     preset: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Build a validated config: defaults <- preset <- YAML file <- overrides."""
+    """Build a validated config: defaults <- preset <- YAML file <- flags <- overrides.
+
+    ``flags``: what a job's named options set (``--bits 32`` -> ``{"model": {"bits": 32}}``);
+    ``overrides``: ``section.key=value`` strings (or the nested mapping they parse to)."""
     merged = Config().to_dict()
     if preset:
         merged = _deep_merge(merged, preset)
@@ -324,6 +447,8 @@ def load_config(
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{yaml_path}: top level must be a mapping of sections")
         merged = _deep_merge(merged, loaded)
+    if flags:
+        merged = _deep_merge(merged, flags)
     if overrides:
         ov = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
         merged = _deep_merge(merged, ov)

@@ -14,26 +14,30 @@ import numpy as np
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DatasetInfo
+from dcgh_dist.metrics import TASKS
 
 logger = logging.getLogger(__name__)
 
-TASKS = {"i2t": ("image_codes", "text_codes"), "t2i": ("text_codes", "image_codes"),
-         "i2i": ("image_codes", "image_codes"), "t2t": ("text_codes", "text_codes")}
 
 
 def encode_splits(
     uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None
 ) -> dict[str, np.ndarray]:
     """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool."""
+    import ray
     import ray.data
 
     from dcgh_dist.data.pipeline import read_split
-    from dcgh_dist.inference import HashEncoder
+    from dcgh_dist.encoding.actor import EncodeBatches
+    from dcgh_dist.models.checkpoint import read_checkpoint_files
 
+    source = ({"checkpoint": ray.put(read_checkpoint_files(checkpoint_dir, cfg.data.s3_endpoint))}
+              if checkpoint_dir is not None else {"config": cfg.to_dict(), "dataset_info": info.to_json()})
     ds = read_split(uri, info, cfg, ["query", "train", "val", "db"], keep_split=True, files=files)
     ds = ds.map_batches(
-        HashEncoder,
-        fn_constructor_args=(checkpoint_dir, cfg.to_dict(), info.to_json()),
+        EncodeBatches,
+        fn_constructor_args=(source, ("image", "text")),
+        fn_constructor_kwargs={"packed": False, "passthrough": ("id", "labels", "split")},
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
@@ -58,7 +62,8 @@ def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], di
     q_lab, db_lab = codes["labels"][is_query], codes["labels"][~is_query]
     metrics: dict[str, Any] = {"num_query": int(is_query.sum()), "num_database": int((~is_query).sum())}
     curves: dict[str, dict] = {}
-    for task, (qk, dk) in TASKS.items():
+    for task, (q_mod, db_mod) in TASKS.items():
+        qk, dk = f"{q_mod}_codes", f"{db_mod}_codes"
         m = retrieval_metrics(
             codes[qk][is_query], codes[dk][~is_query], q_lab, db_lab,
             map_topk=cfg.eval.map_topk, ndcg_k=cfg.eval.ndcg_k, precision_k=cfg.eval.precision_k,

@@ -21,9 +21,8 @@ from torch import Tensor, nn
 
 from dcgh_dist.config import LossConfig
 
-__all__ = ["dcgh_loss", "init_proxies", "ClassProxies", "LOSS_TERMS"]
+__all__ = ["dcgh_loss", "init_proxies", "ClassProxies"]
 
-LOSS_TERMS = ("proxy", "pairwise_pos", "pairwise_neg", "variance")
 
 
 def _cos(a: Tensor, b: Tensor) -> Tensor:

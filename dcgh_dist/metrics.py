@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_PAIRS",
+    "TASKS",
+    "average_precision",
     "binarize",
+    "dcg",
+    "dcg_discounts",
     "hamming_distance",
     "mean_average_precision",
     "ndcg_at_k",
@@ -49,6 +53,9 @@ __all__ = [
     "plot_pr_curves",
     "retrieval_metrics",
 ]
+
+#: The retrieval tasks: name -> (query modality, database modality).
+TASKS = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
 
 #: Default number of (query, database item) pairs handled per chunk when ``chunk_size`` is None.
 #: A pair costs about 30 bytes of temporaries (float32 inner product, uint8 distance, int64 sort
@@ -242,7 +249,7 @@ def _iter_chunks(
         yield start, stop, dist, overlap
 
 
-def _average_precision(rel_sorted: np.ndarray) -> np.ndarray:
+def average_precision(rel_sorted: np.ndarray) -> np.ndarray:
     """Per-row AP of ranked boolean relevance (rows = queries, columns = ranks 1..n).
 
     AP = mean over the relevant positions of (relevant items up to and including it) / rank;
@@ -267,9 +274,14 @@ def _average_precision(rel_sorted: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dcg_discounts(k: int) -> np.ndarray:
+def dcg_discounts(k: int) -> np.ndarray:
     """1 / log2(rank + 1) for rank = 1..k, float64."""
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+
+
+def dcg(graded_top: np.ndarray, discounts: np.ndarray) -> np.ndarray:
+    """Per-row DCG of graded relevance (shared-label counts) in rank order, gain 2**rel - 1."""
+    return (np.exp2(graded_top.astype(np.float64)) - 1.0) @ discounts
 
 
 def _ndcg(overlap_top: np.ndarray, overlap: np.ndarray, k: int) -> np.ndarray:
@@ -280,8 +292,8 @@ def _ndcg(overlap_top: np.ndarray, overlap: np.ndarray, k: int) -> np.ndarray:
     uint16 is a linear-time radix sort rather than a comparison sort.
     """
     n_rows = overlap.shape[0]
-    disc = _dcg_discounts(k)
-    dcg = (np.exp2(overlap_top.astype(np.float64)) - 1.0) @ disc
+    disc = dcg_discounts(k)
+    found = dcg(overlap_top, disc)
     rel_max = int(overlap.max()) if overlap.size else 0
     if rel_max <= np.iinfo(np.uint8).max:
         rel_dtype: type = np.uint8
@@ -290,8 +302,8 @@ def _ndcg(overlap_top: np.ndarray, overlap: np.ndarray, k: int) -> np.ndarray:
     else:
         rel_dtype = np.int32
     ideal = np.sort(overlap.astype(rel_dtype), axis=1, kind="stable")[:, : -k - 1 : -1]
-    idcg = (np.exp2(ideal.astype(np.float64)) - 1.0) @ disc
-    return np.divide(dcg, idcg, out=np.zeros(n_rows, dtype=np.float64), where=idcg > 0)
+    idcg = dcg(ideal, disc)
+    return np.divide(found, idcg, out=np.zeros(n_rows, dtype=np.float64), where=idcg > 0)
 
 
 def _evaluate(
@@ -329,12 +341,12 @@ def _evaluate(
         relevant = overlap > 0
         if full_map:
             rel_sorted = np.take_along_axis(relevant, order, axis=1)
-            per_query["map"][start:stop] = _average_precision(rel_sorted)
+            per_query["map"][start:stop] = average_precision(rel_sorted)
             rel_top = rel_sorted[:, :k_top]
         elif k_top:
             rel_top = np.take_along_axis(relevant, order[:, :k_top], axis=1)
         if compute_map and map_topk is not None:
-            per_query["map"][start:stop] = _average_precision(rel_top[:, : min(map_topk, n_db)])
+            per_query["map"][start:stop] = average_precision(rel_top[:, : min(map_topk, n_db)])
         for k in precision_ks:
             k_eff = min(k, n_db)
             per_query[f"p@{k}"][start:stop] = (
@@ -474,8 +486,10 @@ def retrieval_metrics(
 
     Returns:
         ``{"map": ..., "ndcg@{ndcg_k}": ..., "p@{k}": ... for k in precision_k}`` (python floats;
-        the keys use k as given, even when it exceeds the database size). ``ndcg_k=None`` skips
-        NDCG. ``map_topk`` has the meaning of ``topk`` in :func:`mean_average_precision`.
+        the keys use k as given, even when it exceeds the database size), ``"map@{map_topk}"``
+        instead of ``"map"`` when ``map_topk`` is set: the same names in every job's output.
+        ``ndcg_k=None`` skips NDCG. ``map_topk`` has the meaning of ``topk`` in
+        :func:`mean_average_precision`.
 
     Raises:
         ValueError: on inconsistent or empty inputs, or a non-positive k.
@@ -484,10 +498,11 @@ def retrieval_metrics(
     map_topk = None if map_topk is None else _positive_int(map_topk, "map_topk")
     ndcg_ks = () if ndcg_k is None else (_positive_int(ndcg_k, "ndcg_k"),)
     precision_ks = tuple(dict.fromkeys(_positive_int(k, "precision_k") for k in precision_k))
-    return _evaluate(
+    out = _evaluate(
         problem, map_topk=map_topk, compute_map=True, ndcg_ks=ndcg_ks,
         precision_ks=precision_ks, chunk_size=chunk_size,
     )
+    return {(f"map@{map_topk}" if k == "map" and map_topk else k): v for k, v in out.items()}
 
 
 def pr_curve_hamming(

@@ -45,6 +45,8 @@ def ray_session(
     dashboard: bool = False,
 ) -> Iterator[bool]:
     """Yields True if this call started the cluster (and so will stop it)."""
+    # Read when ray is first imported: set before, in case this is that import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -55,7 +57,6 @@ def ray_session(
         ray.init(address=address, log_to_driver=True)
         yield False
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sweep_orphans()
     own_root = temp_dir is None
     root = temp_dir or tempfile.mkdtemp(prefix=ROOT_PREFIX)

@@ -21,21 +21,29 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-if TYPE_CHECKING:
-    from dcgh_dist.index.manifest import IndexConfig
 
 logger = logging.getLogger("dcgh_dist.jobs.build_index")
 
 
+# The flags are shorthands for keys of the config tree (section ``index``).
+FLAGS = {
+    "index": "index.index_type", "shard_size": "index.shard_size", "nlist": "index.nlist",
+    "nprobe": "index.nprobe", "train_size": "index.train_size", "mh_nhash": "index.mh_nhash",
+    "mh_bits_per_hash": "index.mh_bits_per_hash", "mh_nflip": "index.mh_nflip", "seed": "index.seed",
+    "task_cpus": "index.task_cpus", "keep_builds": "index.keep_builds",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.cli import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codes", required=True, help="directory / s3:// prefix of code shards (or one .parquet)")
     p.add_argument("--output", required=True, help="index directory or s3:// prefix")
-    p.add_argument("--index", choices=["flat", "ivf", "multihash"], default="flat")
+    p.add_argument("--index", choices=["flat", "ivf", "multihash"], help="index type (default flat)")
     p.add_argument("--shard-size", type=int, help="codes per index shard (default 10,000,000)")
     p.add_argument("--nlist", type=int, help="ivf: inverted lists (default 1024)")
     p.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default 16)")
@@ -54,20 +62,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster")
     p.add_argument("--ray-temp-dir", help="temp/session directory of a local cluster")
-    return p.parse_args(argv)
+    add_config_arguments(p)
+    return p.parse_intermixed_args(argv)
 
 
-def index_config(args: argparse.Namespace) -> IndexConfig:
-    """The IndexConfig the flags ask for; flags not given keep its defaults."""
-    from dcgh_dist.index.manifest import IndexConfig
+def index_config(args: argparse.Namespace):
+    """The IndexConfig of the command line (--config, flags, index.* overrides)."""
+    from dcgh_dist.cli import config_from_args
 
-    fields = {
-        "index_type": args.index, "shard_size": args.shard_size, "nlist": args.nlist,
-        "nprobe": args.nprobe, "train_size": args.train_size, "mh_nhash": args.mh_nhash,
-        "mh_bits_per_hash": args.mh_bits_per_hash, "mh_nflip": args.mh_nflip, "seed": args.seed,
-        "task_cpus": args.task_cpus, "keep_builds": args.keep_builds,
-    }
-    return IndexConfig(**{k: v for k, v in fields.items() if v is not None})
+    return config_from_args(args, FLAGS).index
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -75,27 +78,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from dcgh_dist.encoding import connect_ray
     from dcgh_dist.index.build import build_index
     from dcgh_dist.index.manifest import manifest_location
+    from dcgh_dist.ray_session import ray_session
 
     cfg = index_config(args)
     fingerprint = config = None
     if args.checkpoint:
-        from dcgh_dist.train.checkpoint import read_meta
+        from dcgh_dist.models.checkpoint import verified_meta
 
-        meta = read_meta(args.checkpoint)
+        meta = verified_meta(args.checkpoint, args.s3_endpoint)  # before Ray starts
         fingerprint, config = meta.fingerprint, meta.config.to_dict()
 
-    import ray
-
-    started = connect_ray(args.ray_address, args.num_cpus, args.ray_temp_dir)
-    try:
+    with ray_session(args.ray_address, num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir):
         manifest = build_index(args.codes, args.output, cfg, expected_fingerprint=fingerprint,
                                config=config, s3_endpoint=args.s3_endpoint, use_ray=True)
-    finally:
-        if started:
-            ray.shutdown()
     size = sum(s.bytes for s in manifest.shards)
     print(f"| index | shards | codes | bits | bytes/item | model | seconds |\n|---|---|---|---|---|---|---|\n"
           f"| {cfg.index_type} | {len(manifest.shards)} | {manifest.num_items} | {manifest.bits} | "

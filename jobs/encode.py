@@ -28,11 +28,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 logger = logging.getLogger("dcgh_dist.jobs.encode")
 
 
+# The flags are shorthands for keys of the config tree (section ``encode``).
+FLAGS = {
+    "batch_size": "encode.batch_size", "concurrency": "encode.concurrency", "actor_cpus": "encode.actor_cpus",
+    "preprocess_batch_size": "encode.preprocess_batch_size", "use_gpu": "encode.use_gpu",
+    "precision": "encode.precision", "throttle_s": "encode.throttle_s", "splits": "encode.splits",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.cli import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (model.pt + meta.json)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or s3:// URI (model.pt + meta.json)")
     p.add_argument("--dataset", required=True,
-                   help="dataset directory / s3:// prefix, plain Parquet file or prefix, or 'demo'")
+                   help="dataset directory / s3:// prefix, plain Parquet file or prefix, a preset, or 'demo'")
     p.add_argument("--modality", choices=["image", "text", "both"], default="both")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")
     p.add_argument("--splits", help="comma-separated splits to encode (default: every row)")
@@ -50,7 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-temp-dir", help="temp/session directory of a local cluster")
     p.add_argument("--throttle-s", type=float, help=argparse.SUPPRESS)  # testing aid
     p.add_argument("--json", help="also write the result as JSON here")
-    return p.parse_args(argv)
+    add_config_arguments(p)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -60,25 +71,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from dcgh_dist.encoding import EncodeConfig, run_encode
-    from dcgh_dist.ray_session import quiet_progress, ray_session
-    from dcgh_dist.train.checkpoint import verified_meta
+    from dataclasses import replace
 
-    overrides = {k: v for k, v in {
-        "batch_size": args.batch_size, "concurrency": args.concurrency, "actor_cpus": args.actor_cpus,
-        "preprocess_batch_size": args.preprocess_batch_size, "use_gpu": args.use_gpu,
-        "precision": args.precision, "throttle_s": args.throttle_s,
-        "splits": tuple(s.strip() for s in args.splits.split(",") if s.strip()) if args.splits else None,
-    }.items() if v is not None}
-    cfg = EncodeConfig(**overrides)
-    meta = verified_meta(args.checkpoint)  # weights checked before any Ray start
+    from dcgh_dist.cli import config_from_args
+    from dcgh_dist.data.presets import resolve_dataset
+    from dcgh_dist.encoding import run_encode
+    from dcgh_dist.models.checkpoint import verified_meta
+    from dcgh_dist.ray_session import quiet_progress, ray_session
+
+    cfg = config_from_args(args, FLAGS).encode
+    # Everything checked before Ray starts: the weights against their fingerprint, the dataset.
+    meta = verified_meta(args.checkpoint, args.s3_endpoint)
     s3_endpoint = args.s3_endpoint or meta.config.data.s3_endpoint
     dataset = args.dataset
-    if dataset == "demo":
-        from dcgh_dist.data.demo import ensure_demo_dataset
-
-        dataset = ensure_demo_dataset(meta.config.data.demo_size, meta.config.data.demo_seed,
-                                      meta.config.data.data_root)
+    if not (dataset.endswith(".parquet") or os.path.isfile(dataset)):
+        # demo and presets as the checkpoint's run saw them (demo size and seed, data root)
+        dataset = resolve_dataset(replace(meta.config.data, dataset=dataset, s3_endpoint=s3_endpoint))
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
 
     with ray_session(args.ray_address, num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir):

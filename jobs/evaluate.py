@@ -10,7 +10,7 @@
 Tasks: i2t (image queries, text index), t2i, i2i, t2t; a task runs when its query codes and its
 index exist. Queries are the ``query`` split; every id in an index must be in a database split
 (train, val, db). Each query retrieves only its top k (ranked by Hamming distance, then id: the
-foundation's order, since its database is in id order), so memory stays O(N) for labels instead of
+order of ``dcgh_dist.metrics``, whose database is in id order), so memory stays O(N) for labels instead of
 O(Q x N) for distances. ``--check-reference`` also runs ``dcgh_dist.metrics`` on all codes in
 memory (small data only) and prints both. See docs/INDEX.md.
 """
@@ -28,23 +28,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 logger = logging.getLogger("dcgh_dist.jobs.evaluate")
 
-TASKS = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
+
+# The flags are shorthands for keys of the config tree.
+FLAGS = {"index": "index.index_type", "shard_size": "index.shard_size", "map_k": "eval.map_topk",
+         "ndcg_k": "eval.ndcg_k", "precision_k": "eval.precision_k"}
+# Ranking through an index needs a finite k for mAP: eval.map_topk unset means this.
+DEFAULT_MAP_K = 1000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.cli import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="dataset directory / s3:// prefix (labels, splits), or 'demo'")
+    p.add_argument("--dataset", required=True, help="dataset (labels, splits): anything --dataset of the jobs takes")
     p.add_argument("--checkpoint", help="one-shot mode: encode, build and evaluate with this checkpoint")
     p.add_argument("--work-dir", help="one-shot mode: where codes and indexes go")
-    p.add_argument("--index", choices=["flat", "ivf", "multihash"], default="flat", help="one-shot index type")
+    p.add_argument("--index", choices=["flat", "ivf", "multihash"], help="one-shot index type (default flat)")
     p.add_argument("--shard-size", type=int, help="one-shot: codes per index shard")
     p.add_argument("--queries", help="encode output root of the query codes (has image/ and/or text/)")
     p.add_argument("--index-image", help="index (manifest or directory) of database image codes")
     p.add_argument("--index-text", help="index (manifest or directory) of database text codes")
     p.add_argument("--tasks", default="i2t,t2i,i2i,t2t")
-    p.add_argument("--map-k", type=int, default=1000)
-    p.add_argument("--ndcg-k", type=int, default=1000)
-    p.add_argument("--precision-k", default="1,10,100,1000")
+    p.add_argument("--map-k", type=int, help=f"mAP@k (default {DEFAULT_MAP_K})")
+    p.add_argument("--ndcg-k", type=int, help="NDCG@k (default 1000)")
+    p.add_argument("--precision-k", help="P@k, comma-separated (default 1,10,100,1000)")
     p.add_argument("--query-split", default="query")
     p.add_argument("--check-reference", action="store_true",
                    help="also compute dcgh_dist.metrics over all codes in memory and compare")
@@ -52,7 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint")
     p.add_argument("--ray-address")
     p.add_argument("--num-cpus", type=int)
-    return p.parse_args(argv)
+    add_config_arguments(p)
+    return p.parse_intermixed_args(argv)
 
 
 def read_query_codes(root: str, modality: str, labels, split: str, s3_endpoint: str | None):
@@ -74,27 +82,27 @@ def read_query_codes(root: str, modality: str, labels, split: str, s3_endpoint: 
     return ids[keep][order], codes[keep][order]
 
 
-def one_shot(args, dataset: str) -> tuple[str, dict[str, str]]:
+def one_shot(args, cfg, dataset: str) -> tuple[str, dict[str, str]]:
     """Encode the query split and the database splits, build one index per modality."""
-    from dcgh_dist.encoding import EncodeConfig, run_encode
+    from dataclasses import replace
+
+    from dcgh_dist.data.format import DATABASE_SPLITS
+    from dcgh_dist.encoding import run_encode
     from dcgh_dist.index.build import build_index
-    from dcgh_dist.index.manifest import IndexConfig
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.models.checkpoint import verified_meta
 
     if not args.work_dir:
-        raise SystemExit("--checkpoint needs --work-dir (where codes and indexes go)")
+        raise ValueError("--checkpoint needs --work-dir (where codes and indexes go)")
     work = args.work_dir.rstrip("/")
-    meta = read_meta(args.checkpoint)
+    meta = verified_meta(args.checkpoint, args.s3_endpoint)
     q_root, db_root = f"{work}/codes/query", f"{work}/codes/db"
-    run_encode(args.checkpoint, dataset, q_root, ("image", "text"), EncodeConfig(splits=(args.query_split,)),
-               s3_endpoint=args.s3_endpoint)
-    run_encode(args.checkpoint, dataset, db_root, ("image", "text"), EncodeConfig(splits=("train", "val", "db")),
-               s3_endpoint=args.s3_endpoint)
-    cfg = IndexConfig(index_type=args.index, **({"shard_size": args.shard_size} if args.shard_size else {}))
+    for root, splits in ((q_root, (args.query_split,)), (db_root, DATABASE_SPLITS)):
+        run_encode(args.checkpoint, dataset, root, ("image", "text"), replace(cfg.encode, splits=splits),
+                   s3_endpoint=args.s3_endpoint)
     indexes = {}
     for m in ("image", "text"):
         indexes[m] = f"{work}/index/{m}"
-        build_index(f"{db_root}/{m}", indexes[m], cfg, expected_fingerprint=meta.fingerprint,
+        build_index(f"{db_root}/{m}", indexes[m], cfg.index, expected_fingerprint=meta.fingerprint,
                     config=meta.config.to_dict(), s3_endpoint=args.s3_endpoint)
     return q_root, indexes
 
@@ -105,27 +113,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from dataclasses import replace
+
+    from dcgh_dist.cli import config_from_args
+    from dcgh_dist.data.presets import resolve_dataset
     from dcgh_dist.index import ShardedIndex
     from dcgh_dist.index.evaluate import index_retrieval_metrics, read_labels
+    from dcgh_dist.metrics import TASKS
 
-    dataset = args.dataset
-    if dataset == "demo":
-        from dcgh_dist.data.demo import ensure_demo_dataset
-        from dcgh_dist.train.checkpoint import read_meta
+    cfg = config_from_args(args, FLAGS)
+    map_k = cfg.eval.map_topk or DEFAULT_MAP_K
+    data = cfg.data
+    if args.checkpoint:  # demo and presets as the checkpoint's run saw them
+        from dcgh_dist.models.checkpoint import read_meta
 
-        c = read_meta(args.checkpoint).config if args.checkpoint else None
-        dataset = ensure_demo_dataset(c.data.demo_size, c.data.demo_seed, c.data.data_root) if c else ensure_demo_dataset()
-    precision_k = tuple(int(k) for k in args.precision_k.split(",") if k.strip())
+        data = read_meta(args.checkpoint, args.s3_endpoint).config.data
+    dataset = resolve_dataset(replace(data, dataset=args.dataset))
 
     if args.checkpoint:
         from dcgh_dist.ray_session import quiet_progress, ray_session
 
         with ray_session(args.ray_address, num_cpus=args.num_cpus):
             quiet_progress()
-            queries, index_uris = one_shot(args, dataset)
+            queries, index_uris = one_shot(args, cfg, dataset)
     else:
         if not args.queries:
-            raise SystemExit("give --queries with --index-image/--index-text, or --checkpoint with --work-dir")
+            raise ValueError("give --queries with --index-image/--index-text, or --checkpoint with --work-dir")
         queries, index_uris = args.queries, {"image": args.index_image, "text": args.index_text}
 
     labels = read_labels(dataset, args.s3_endpoint)
@@ -142,16 +155,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             fingerprints.add(opened[db_mod].manifest.model_fingerprint)
         index = opened[db_mod]
         q_ids, q_codes = read_query_codes(queries, q_mod, labels, args.query_split, args.s3_endpoint)
-        m = index_retrieval_metrics(index, q_codes, q_ids, labels, map_topk=args.map_k,
-                                    ndcg_k=args.ndcg_k, precision_k=precision_k)
-        for name, value in m.items():
-            key = f"map@{args.map_k}" if name == "map" else name
-            results[f"{key}_{task}"] = value
+        m = index_retrieval_metrics(index, q_codes, q_ids, labels, map_topk=map_k,
+                                    ndcg_k=cfg.eval.ndcg_k, precision_k=cfg.eval.precision_k)
+        results.update({f"{name}_{task}": value for name, value in m.items()})
         if args.check_reference:
-            ref = reference_metrics(index, q_ids, q_codes, labels, args, precision_k)
-            for name, value in ref.items():
-                key = f"map@{args.map_k}" if name == "map" else name
-                results[f"reference_{key}_{task}"] = value
+            ref = reference_metrics(index, q_ids, q_codes, labels, args, map_k, cfg.eval)
+            results.update({f"reference_{name}_{task}": value for name, value in ref.items()})
         results.setdefault("num_query", {})[task] = int(len(q_ids))
         results.setdefault("num_database", {})[task] = int(index.ntotal)
     if len(fingerprints) > 1:
@@ -163,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return results
 
 
-def reference_metrics(index, q_ids, q_codes, labels, args, precision_k) -> dict[str, float]:
+def reference_metrics(index, q_ids, q_codes, labels, args, map_k: int, eval_cfg) -> dict[str, float]:
     """dcgh_dist.metrics on every database code in memory, database in id order (small data)."""
     import numpy as np
 
@@ -178,10 +187,12 @@ def reference_metrics(index, q_ids, q_codes, labels, args, precision_k) -> dict[
     db_lab = labels.multihot(labels.rows(ids))
     q_lab = labels.multihot(labels.rows(q_ids))
     return retrieval_metrics(unpack_codes(q_codes), unpack_codes(codes), q_lab, db_lab,
-                             map_topk=args.map_k, ndcg_k=args.ndcg_k, precision_k=precision_k)
+                             map_topk=map_k, ndcg_k=eval_cfg.ndcg_k, precision_k=eval_cfg.precision_k)
 
 
 def print_table(results: dict) -> None:
+    from dcgh_dist.metrics import TASKS
+
     tasks = [t for t in TASKS if any(k.endswith(f"_{t}") for k in results)]
     names = sorted({k.rsplit("_", 1)[0] for k in results if k not in ("num_query", "num_database")},
                    key=lambda n: (n.startswith("reference_"), n))

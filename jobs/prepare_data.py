@@ -43,7 +43,15 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+# The flags are shorthands for keys of the config tree (section ``prepare``).
+FLAGS = {name: f"prepare.{name}" for name in (
+    "layout", "seed", "query", "val", "train", "max_side", "jpeg_quality", "workers", "chunk_size",
+    "max_image_errors", "coco_captions", "nus_text", "top_k", "min_tag_images")}
+FLAGS["shard_size"] = "prepare.shard_bytes"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.cli import add_config_arguments
     from dcgh_dist.data.presets import DATASET_PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,38 +60,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="the raw tree: a directory or s3:// prefix")
     p.add_argument("--output", help="directory or s3:// prefix (default: the preset's path under the data root)")
     p.add_argument("--data-root", help="data root for the default --output (default: $DCGH_DATA_ROOT, else ~/.cache/dcgh_dist)")
-    p.add_argument("--layout", default="auto", choices=("auto", "raw", "list"),
+    p.add_argument("--layout", choices=("auto", "raw", "list"),
                    help="input layout (default: detected from the files)")
     p.add_argument("--image-root", help="where image paths are relative to (list layout, NUS-WIDE); default: detected")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--seed", type=int, help="split seed (default 0)")
     p.add_argument("--query", type=int, help="query split size (default: the paper's)")
     p.add_argument("--val", type=int, help="val split size, carved from the non-query rows (default: half the query size)")
     p.add_argument("--train", type=int, help="training split size (default: the paper's)")
-    p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)")
+    p.add_argument("--shard-size", type=parse_size, help="target shard size (default 256MB)")
     p.add_argument("--max-side", type=int, help="shrink larger images to fit this many pixels and re-encode as JPEG (default: keep the original bytes)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--jpeg-quality", type=int, help="JPEG quality of re-encoded images (default 90)")
     p.add_argument("--workers", type=int, help="image worker processes (default: cores - 1, at least 1; 0 = in this process)")
-    p.add_argument("--chunk-size", type=int, default=32, help="images per worker task (default 32)")
+    p.add_argument("--chunk-size", type=int, help="images per worker task (default 32)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// input and output (MinIO, moto, ...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset this job prepared at --output (only the files its dataset.json "
                         "lists; any other file is refused)")
-    p.add_argument("--max-image-errors", type=float, default=0.05,
+    p.add_argument("--max-image-errors", type=float,
                    help="stop when more than this fraction of the images is missing or undecodable, or of the "
                         "items has broken metadata (a malformed label row, ...) (default 0.05)")
-    p.add_argument("--coco-captions", default="first", choices=("first", "join", "all"),
+    p.add_argument("--coco-captions", choices=("first", "join", "all"),
                    help="COCO text: the first caption, all joined, or one row per caption (default first)")
-    p.add_argument("--nus-text", default="auto", choices=("auto", "alltags", "tags1k"),
+    p.add_argument("--nus-text", choices=("auto", "alltags", "tags1k"),
                    help="NUS-WIDE text: All_Tags.txt, or the 1k-tag vocabulary (default: All_Tags.txt if present)")
     p.add_argument("--top-k", type=int, help="NUS-WIDE: keep the k most frequent concepts (default: 21, or 10 for nuswide-top10)")
-    p.add_argument("--min-tag-images", type=int, default=20,
+    p.add_argument("--min-tag-images", type=int,
                    help="MIRFLICKR: the tag vocabulary is the tags of at least this many images (default 20)")
     p.add_argument("--class-names", help="list layout: a file of class names, one a line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    add_config_arguments(p)
+    return p.parse_intermixed_args(argv)
 
 
 def build_options(args: argparse.Namespace):
+    from dataclasses import asdict
+
+    from dcgh_dist.cli import config_from_args
     from dcgh_dist.data.prepare import PrepareOptions
     from dcgh_dist.data.presets import DATASET_PRESETS, preset_output_path
 
@@ -92,15 +104,11 @@ def build_options(args: argparse.Namespace):
         if args.dataset not in DATASET_PRESETS:
             raise ValueError(f"--output is required for a dataset that is not a preset ({args.dataset!r})")
         output = preset_output_path(args.dataset, args.data_root)
+    settings = config_from_args(args, FLAGS).prepare
     return PrepareOptions(
-        dataset=args.dataset, input=args.input, output=output, layout=args.layout, seed=args.seed,
-        query=args.query, val=args.val, train=args.train, shard_bytes=args.shard_size,
-        max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
-        chunk_size=args.chunk_size, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
-        max_image_errors=args.max_image_errors, image_root=args.image_root,
-        coco_captions=args.coco_captions, nus_text=args.nus_text, top_k=args.top_k,
-        min_tag_images=args.min_tag_images, class_names_file=args.class_names,
-        progress=not args.no_progress,
+        dataset=args.dataset, input=args.input, output=output, s3_endpoint=args.s3_endpoint,
+        overwrite=args.overwrite, image_root=args.image_root, class_names_file=args.class_names,
+        progress=not args.no_progress, **asdict(settings),
     )
 
 
@@ -154,8 +162,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
-        logging.getLogger("dcgh_dist.jobs.prepare_data").error("%s", exc)
-        sys.exit(2)
+    from dcgh_dist.cli import run_job
+
+    sys.exit(run_job(main))

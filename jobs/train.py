@@ -25,10 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 logger = logging.getLogger("dcgh_dist.jobs.train")
 
 
+# The flags are shorthands for keys of the config tree.
+FLAGS = {
+    "dataset": "data.dataset", "bits": "model.bits", "epochs": "train.epochs",
+    "batch_size": "data.batch_size", "num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
+    "output_dir": "train.output_dir", "ray_address": "train.ray_address",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dcgh_dist.cli import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help="demo, a preset (coco, mirflickr25k, nuswide, nuswide-top10), a directory or s3:// URI")
-    p.add_argument("--config", help="YAML file with config sections (model, loss, optim, data, train, eval)")
     p.add_argument("--bits", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per worker")
@@ -36,36 +45,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--output-dir")
     p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --output-dir")
     p.add_argument("--skip-baseline", action="store_true", help="don't evaluate the untrained model")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.head_lr=3e-4 loss.variance_mode=masked")
+    add_config_arguments(p)
     # Intermixed: overrides may sit between flags (`train.engine=deepspeed --num-workers 2 ...`), as
     # people type them; plain parse_args rejects positionals that follow an option.
     return p.parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace):
-    from dcgh_dist.config import load_config, parse_overrides
+    from dcgh_dist.cli import config_from_args
     from dcgh_dist.data.presets import TRAIN_PRESETS
 
-    flags: dict = {}
-    if args.dataset:
-        flags.setdefault("data", {})["dataset"] = args.dataset
-    for flag, (section, key) in {
-        "bits": ("model", "bits"), "epochs": ("train", "epochs"), "batch_size": ("data", "batch_size"),
-        "num_workers": ("train", "num_workers"), "use_gpu": ("train", "use_gpu"),
-        "output_dir": ("train", "output_dir"), "ray_address": ("train", "ray_address"),
-    }.items():
-        value = getattr(args, flag)
-        if value is not None:
-            flags.setdefault(section, {})[key] = value
-    # The dataset decides the preset; explicit flags beat the YAML file, which beats the preset.
-    from dcgh_dist.config import Config, _deep_merge
-
-    dataset = args.dataset or (load_config(args.config).data.dataset if args.config else Config().data.dataset)
-    preset = TRAIN_PRESETS.get(dataset, {})
-    overrides = _deep_merge(flags, parse_overrides(args.overrides))
-    return load_config(args.config, overrides=overrides, preset=preset)
+    return config_from_args(args, FLAGS, preset=lambda dataset: TRAIN_PRESETS.get(dataset, {}))
 
 
 def print_table(metrics: dict, baseline: dict | None) -> str:

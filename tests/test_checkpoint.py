@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dcgh_dist.data.format import DatasetInfo
-from dcgh_dist.train.checkpoint import CheckpointError, load_model, read_meta, verified_meta
+from dcgh_dist.models.checkpoint import CheckpointError, load_model, read_meta, verified_meta
 
 REPO = Path(__file__).resolve().parents[1]
 INFO = DatasetInfo(name="t", num_classes=3, class_names=("a", "b", "c"))

@@ -76,3 +76,48 @@ def test_train_job_takes_overrides_between_flags():
     cfg = job.build_config(args)
     assert (cfg.train.num_workers, cfg.train.engine, cfg.train.zero_stage) == (2, "deepspeed", 2)
     assert cfg.loss.variance_mode == "masked" and cfg.optim.head_lr == 3e-4
+
+
+def _job(name: str):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_job", pathlib.Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+@pytest.mark.parametrize("name", ["train", "encode", "build_index", "evaluate", "prepare_data"])
+def test_every_job_flag_is_a_key_of_the_one_tree(name):
+    import dataclasses
+
+    from dcgh_dist.config import Config
+
+    cfg = Config()
+    tree = {f.name: {g.name for g in dataclasses.fields(getattr(cfg, f.name))} for f in dataclasses.fields(cfg)}
+    for dest, dotted in _job(name).FLAGS.items():
+        section, key = dotted.split(".")
+        assert key in tree[section], f"jobs/{name}.py --{dest} maps to unknown key {dotted}"
+
+
+def test_jobs_layer_yaml_flags_and_overrides_the_same_way(tmp_path):
+    """defaults <- YAML <- flags <- overrides, in a job other than train (here build_index)."""
+    job = _job("build_index")
+    y = tmp_path / "idx.yaml"
+    y.write_text("index: {index_type: ivf, nlist: 64, nprobe: 8}\n")
+    base = ["--codes", "c", "--output", "o", "--config", str(y)]
+    assert job.index_config(job.parse_args(base)).nlist == 64
+    assert job.index_config(job.parse_args([*base, "--nlist", "32"])).nlist == 32
+    cfg = job.index_config(job.parse_args(["index.nlist=16", *base, "--nlist", "32"]))
+    assert (cfg.index_type, cfg.nlist, cfg.nprobe) == ("ivf", 16, 8)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['index.nlistt'\]"):
+        job.index_config(job.parse_args([*base, "index.nlistt=3"]))
+    enc = _job("encode")
+    args = enc.parse_args(["--checkpoint", "c", "--dataset", "d", "--output", "o", "--batch-size", "8",
+                           "encode.precision=bf16", "--splits", "train,db"])
+    from dcgh_dist.cli import config_from_args
+
+    e = config_from_args(args, enc.FLAGS).encode
+    assert (e.batch_size, e.precision, e.splits) == (8, "bf16", ("train", "db"))

@@ -3,7 +3,7 @@
 * the demo dataset encoded by ``jobs/encode.py`` (in-process, the session's Ray): schema, bit
   convention against a direct model forward, exactly-once counts;
 * ``jobs/build_index.py`` (Ray tasks) for every index type, searched against brute force;
-* ``jobs/evaluate.py`` against the foundation's metrics;
+* ``jobs/evaluate.py`` against the in-memory metrics of ``dcgh_dist.metrics``;
 * a killed encoding job (its own Ray cluster in a subprocess, process group killed mid-run),
   resumed: no duplicates, no losses, bad rows counted;
 * a round trip through S3 (moto's server on 127.0.0.1) with plain-Parquet input.
@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dcgh_dist.metrics import TASKS
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
 
@@ -40,19 +42,11 @@ N_KILL = 100
 
 def make_checkpoint(path: str, info, seed: int = 0) -> str:
     """A tiny untrained CLIP hasher saved as a checkpoint (no training needed)."""
-    import torch
+    from dcgh_dist.config import Config, ModelConfig, TrainConfig
+    from dcgh_dist.models.checkpoint import save_untrained
 
-    from dcgh_dist.config import Config, ModelConfig
-    from dcgh_dist.losses import ClassProxies
-    from dcgh_dist.models import build_model
-    from dcgh_dist.train.checkpoint import CheckpointMeta, architecture_of, save_checkpoint
-
-    cfg = Config(model=ModelConfig(clip_preset="tiny", bits=BITS))
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    save_checkpoint(path, model.state_dict(), ClassProxies(info.num_classes, BITS).state_dict(),
-                    CheckpointMeta(cfg, info, architecture=architecture_of(model)))
-    return path
+    return save_untrained(path, Config(model=ModelConfig(clip_preset="tiny", bits=BITS),
+                                       train=TrainConfig(seed=seed)), info)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +135,15 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
     import torch
 
     from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.encoding import encode_preprocessor
+    from dcgh_dist.data.pipeline import make_preprocessor
     from dcgh_dist.index.codes import pack_relaxed
-    from dcgh_dist.train.checkpoint import load_model
+    from dcgh_dist.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     table = pq.read_table(sorted(glob.glob(os.path.join(demo_subset, "*.parquet")))[1]).slice(0, 64)
-    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "image", "text")}
-    x = encode_preprocessor(meta.config, read_dataset_info(demo_subset), ("image", "text"))(batch)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "labels", "image", "text")}
+    # training's own evaluation preprocessing: the job's, built from the checkpoint alone, must agree
+    x = make_preprocessor(meta.config, read_dataset_info(demo_subset), augment=False)(batch)
     ids, codes = read_codes(os.path.join(out, "image"))
     by_id = dict(zip(ids.tolist(), codes))
     with torch.no_grad():
@@ -198,12 +193,18 @@ def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_ty
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_evaluate_job_matches_foundation_metrics(encoded_demo, demo_subset, tmp_path):
+def labels_to_multihot(labels, num_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), num_classes), dtype=np.float32)
+    for i, row in enumerate(labels):
+        out[i, np.asarray(row, dtype=np.int64)] = 1.0
+    return out
+
+
+def test_evaluate_job_matches_in_memory_metrics(encoded_demo, demo_subset, tmp_path):
     """jobs/evaluate.py (top-k via the index) == dcgh_dist.metrics (whole ranking in memory)."""
     import build_index as build_job
     import evaluate as evaluate_job  # jobs/evaluate.py
 
-    from dcgh_dist.data.format import labels_to_multihot
     from dcgh_dist.index.codes import codes_table, unpack_codes
     from dcgh_dist.metrics import retrieval_metrics
 
@@ -228,7 +229,7 @@ def test_evaluate_job_matches_foundation_metrics(encoded_demo, demo_subset, tmp_
                              "--index-text", indexes["text"], "--map-k", "100", "--ndcg-k", "50",
                              "--precision-k", "1,10,100", "--output", str(tmp_path / "m.json")])
     assert json.loads((tmp_path / "m.json").read_text()) == res
-    for task, (qm, dm) in evaluate_job.TASKS.items():
+    for task, (qm, dm) in TASKS.items():
         ids_q, codes_q = db[qm]
         is_q = np.array([split[int(i)] == "query" for i in ids_q])
         ids_d, codes_d = db[dm]
@@ -239,14 +240,16 @@ def test_evaluate_job_matches_foundation_metrics(encoded_demo, demo_subset, tmp_
             labels_to_multihot([labels[int(i)] for i in ids_d[is_d]], 12),
             map_topk=100, ndcg_k=50, precision_k=(1, 10, 100))
         assert res["num_query"][task] == is_q.sum() > 20 and res["num_database"][task] == is_d.sum()
+        assert "map@100" in ref and set(ref) == {k.rsplit("_", 1)[0] for k in res if k.endswith(f"_{task}")
+                                                and not k.startswith("reference_")}
         for name, value in ref.items():
-            key = "map@100" if name == "map" else name
-            assert res[f"{key}_{task}"] == pytest.approx(value, abs=1e-12), (task, name)
+            assert res[f"{name}_{task}"] == pytest.approx(value, abs=1e-12), (task, name)
 
 
 def test_encode_refuses_bad_input_before_any_work(tmp_path, checkpoint, demo_small):
+    from dcgh_dist.config import EncodeConfig
     from dcgh_dist.data.format import DatasetError
-    from dcgh_dist.encoding import EncodeConfig, run_encode
+    from dcgh_dist.encoding import run_encode
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -433,16 +436,12 @@ def test_s3_round_trip_plain_parquet(tmp_path, s3_server, demo_small, checkpoint
 def test_bf16_calibration_measures_bit_agreement(checkpoint, demo_small):
     """The calibration the encode job runs (in a GPU task on GPU clusters) before choosing bf16:
     here on CPU, where bf16 autocast also exists. No GPU is lent to CI."""
-    from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.encoding import _calibrate
-    from dcgh_dist.train.checkpoint import read_checkpoint_files
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.encoding.calibration import calibrate
+    from dcgh_dist.models.checkpoint import read_checkpoint_files
 
-    meta = read_meta(checkpoint)
     path = sorted(glob.glob(os.path.join(demo_small, "*.parquet")))[0]
-    agreement = _calibrate(read_checkpoint_files(checkpoint), demo_small, path,
-                           read_dataset_info(demo_small).to_json(), meta.config.to_dict(), None,
-                           ("image", "text"), None, "cpu", rows=32)
+    agreement = calibrate(read_checkpoint_files(checkpoint), demo_small, path, ("image", "text"), None,
+                          "cpu", rows=32)
     assert set(agreement) == {"image", "text"}
     # bf16 rounds a few relaxed codes that sit near 0 to the other side: measured 99.8-99.98% of the
     # bits agree on CPUs with and without native bf16; far less would mean a broken autocast path.

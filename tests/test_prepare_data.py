@@ -823,9 +823,8 @@ def test_too_few_items_for_the_splits(list_tree, tmp_path):
 
 
 def test_presets_chain_prepare_and_train(mir_tree, tmp_path, monkeypatch):
-    from dcgh_dist.config import Config, DataConfig
-    from dcgh_dist.data.presets import DATASET_PRESETS, preset_path
-    from dcgh_dist.train.runner import resolve_dataset
+    from dcgh_dist.config import DataConfig
+    from dcgh_dist.data.presets import DATASET_PRESETS, preset_path, resolve_dataset
 
     monkeypatch.setenv("DCGH_DATA_ROOT", str(tmp_path / "data"))
     with pytest.raises(FileNotFoundError, match="jobs/prepare_data.py --dataset mirflickr25k --input RAW_ROOT"):
@@ -835,7 +834,7 @@ def test_presets_chain_prepare_and_train(mir_tree, tmp_path, monkeypatch):
     where = str(tmp_path / "data" / "mirflickr25k")
     assert summary["output"] == where
     assert preset_path("mirflickr25k") == where
-    assert resolve_dataset(Config(data=DataConfig(dataset="mirflickr25k"))) == where
+    assert resolve_dataset(DataConfig(dataset="mirflickr25k")) == where
     assert DATASET_PRESETS["mirflickr25k"].num_classes == read_dataset_info(where).num_classes == 24
     # Paper split sizes are the defaults; val is half the query split.
     p = DATASET_PRESETS

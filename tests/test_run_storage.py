@@ -109,7 +109,7 @@ def test_dataset_without_queries_fails_before_any_training(tmp_path):
 
 def test_resume_with_other_model_settings_names_them(tmp_path):
     from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.train.checkpoint import CheckpointMeta
+    from dcgh_dist.models.checkpoint import CheckpointMeta
     from dcgh_dist.train.runner import plan_run
 
     uri = _tiny_dataset(tmp_path / "d", ["train"] * 40 + ["query"] * 5 + ["db"] * 5)

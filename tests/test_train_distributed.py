@@ -45,7 +45,7 @@ def test_deepspeed_two_workers_zero2_bf16_then_resume(tmp_path, demo_small, ray_
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").exists())
     assert ckpts and all((p / "deepspeed").is_dir() for p in ckpts)  # per-rank ZeRO state
     # the exported weights are fp32 and load into a plain model
-    from dcgh_dist.train.checkpoint import load_model
+    from dcgh_dist.models.checkpoint import load_model
 
     model, meta = load_model(str(out / "checkpoint"))
     assert meta.config.train.engine == "deepspeed"

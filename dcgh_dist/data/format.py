@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal, Sequence
 
@@ -25,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from dcgh_dist.storage import display, join, read_text, resolve_filesystem, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -93,53 +94,6 @@ class DatasetInfo:
         return cls(
             image_column=mods.get("image", "image"), text_column=mods.get("text", "text"), **kw
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Filesystems: one code path for local disk and S3 (and S3-compatible stores via an endpoint)
-
-
-def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or ``s3://bucket/prefix``.
-
-    ``s3_endpoint`` (e.g. ``http://127.0.0.1:9000``) points S3 at a compatible store; credentials
-    come from the usual AWS environment variables / config files.
-    """
-    if uri.startswith("s3://"):
-        kwargs = {}
-        if s3_endpoint:
-            scheme, _, host = s3_endpoint.partition("://")
-            if not host:
-                scheme, host = "https", s3_endpoint
-            kwargs.update(endpoint_override=host, scheme=scheme)
-        fs = pafs.S3FileSystem(**kwargs)
-        return fs, uri[len("s3://"):].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    elif "://" in uri:
-        raise DatasetError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-def read_text(fs: pafs.FileSystem, path: str) -> str:
-    with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
-
-
-def write_text_atomic(fs: pafs.FileSystem, path: str, text: str) -> None:
-    """Write then move, so a reader never sees half a file (S3 PUTs are atomic already)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = path + ".tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(text.encode("utf-8"))
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode("utf-8"))
 
 
 def read_dataset_info(uri: str, s3_endpoint: str | None = None) -> DatasetInfo:
@@ -263,6 +217,30 @@ def check_schema(schema: pa.Schema, info: DatasetInfo, where: str) -> None:
             raise DatasetError(f"{where}: column {name!r} is {t}, expected {expected}")
 
 
+def first_duplicate(ids: np.ndarray) -> tuple[int, int] | None:
+    """(id, count) of the smallest id that appears more than once, or None: ids must be unique
+    across a dataset, its code shards and its indexes, and every check of that uses this."""
+    uniq, counts = np.unique(np.asarray(ids), return_counts=True)
+    dup = np.flatnonzero(counts > 1)
+    return (int(uniq[dup[0]]), int(counts[dup[0]])) if dup.size else None
+
+
+def overlapping_ranges(ranges: Sequence[tuple[int, int] | None]) -> list[int]:
+    """Indices of the inclusive (lo, hi) id ranges that overlap another one (None = empty).
+
+    Ids can only repeat across files (or shards) whose ranges overlap, so a uniqueness check reads
+    back the ids of these alone: after a sort by id the common case, none."""
+    order = sorted((r, i) for i, r in enumerate(ranges) if r is not None)
+    out: set[int] = set()
+    hi, hi_i = None, None
+    for (lo, top), i in order:
+        if hi is not None and lo <= hi:
+            out.update({i, hi_i})
+        if hi is None or top > hi:
+            hi, hi_i = top, i
+    return sorted(out)
+
+
 @dataclass
 class DatasetScan:
     """What a cheap pass over the light columns tells us (no images decoded)."""
@@ -294,7 +272,7 @@ def scan_dataset(uri: str, s3_endpoint: str | None = None, *, check_ids: bool = 
         c for c in (info.image_column, info.text_column) if c.endswith("_features")
     ]
     for path in files:
-        where = f"s3://{path}" if uri.startswith("s3://") else path
+        where = display(fs, path)
         try:
             schema = pq.read_schema(path, filesystem=fs)
         except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
@@ -312,12 +290,8 @@ def scan_dataset(uri: str, s3_endpoint: str | None = None, *, check_ids: bool = 
             counts[str(s)] += int(n)
         if check_ids:
             seen_ids.append(table.column("id").to_numpy())
-    if check_ids and seen_ids:
-        all_ids = np.concatenate(seen_ids)
-        uniq, cnt = np.unique(all_ids, return_counts=True)
-        if (cnt > 1).any():
-            dup = int(uniq[cnt > 1][0])
-            raise DatasetError(f"{uri}: id {dup} appears {int(cnt[cnt > 1][0])} times; ids must be unique")
+    if check_ids and seen_ids and (dup := first_duplicate(np.concatenate(seen_ids))):
+        raise DatasetError(f"{uri}: id {dup[0]} appears {dup[1]} times; ids must be unique")
     return DatasetScan(info=info, files=files, split_counts=counts, rows_per_file=per_file)
 
 
@@ -366,11 +340,3 @@ def write_dataset(
         written.append(path)
     write_text_atomic(fs, join(root, INFO_FILE), info.to_json())
     return written
-
-
-def labels_to_multihot(labels: Sequence[Sequence[int]] | np.ndarray, num_classes: int) -> np.ndarray:
-    """Ragged label lists -> (N, C) float32 multi-hot."""
-    out = np.zeros((len(labels), num_classes), dtype=np.float32)
-    for i, row in enumerate(labels):
-        out[i, np.asarray(row, dtype=np.int64)] = 1.0
-    return out

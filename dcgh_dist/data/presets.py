@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dcgh_dist.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,24 @@ def preset_path(name: str, data_root: str | None = None) -> str:
             f"re-run `python jobs/prepare_data.py --dataset {name} --input RAW_ROOT --overwrite`"
         )
     return uri
+
+
+def resolve_dataset(data: "DataConfig") -> str:
+    """What every job's ``--dataset`` means: ``demo`` (generated on first use, from
+    ``data.demo_size``/``demo_seed``), a preset name (prepared under the data root), a local
+    directory, or an ``s3://`` URI. Checked here, before any cluster starts."""
+    name = data.dataset
+    if name == "demo":
+        from dcgh_dist.data.demo import ensure_demo_dataset
+
+        return ensure_demo_dataset(data.demo_size, data.demo_seed, data.data_root)
+    if name.startswith("s3://") or os.path.isdir(name):
+        return name
+    if name in DATASET_PRESETS:
+        return preset_path(name, data.data_root)
+    if os.path.exists(name):
+        raise ValueError(f"dataset {name!r} is a file; give the dataset's directory (with dataset.json)")
+    raise ValueError(
+        f"dataset {name!r} is neither 'demo', a known preset ({sorted(DATASET_PRESETS)}), "
+        "an existing directory nor an s3:// URI"
+    )

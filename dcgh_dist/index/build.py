@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import join, list_data_files, resolve_filesystem
+from dcgh_dist.data.format import first_duplicate, list_data_files, overlapping_ranges
 from dcgh_dist.index.codes import read_code_meta, read_code_shard
 from dcgh_dist.index.lock import build_lock
+from dcgh_dist.storage import display, join, resolve_filesystem, write_bytes_atomic
 from dcgh_dist.index.manifest import (
     BuildConflictError,
     IndexConfig,
@@ -91,7 +92,7 @@ def scan_code_source(uri: str, s3_endpoint: str | None = None) -> CodeSource:
         )
 
     def footer(path: str):
-        where = f"s3://{path}" if uri.startswith("s3://") else path
+        where = display(fs, path)
         try:
             pf = pq.ParquetFile(path, filesystem=fs)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
@@ -169,7 +170,7 @@ def read_slices(
     fs, _ = resolve_filesystem(uri, s3_endpoint)
     ids, codes = [], []
     for path, start, stop in slices:
-        where = f"s3://{path}" if uri.startswith("s3://") else path
+        where = display(fs, path)
         if "code" in columns:
             i, c = read_code_shard(fs, path, where)
             codes.append(c[start:stop])
@@ -280,25 +281,12 @@ def build_shard(
     del index
     digest = hashlib.sha256(memoryview(blob)).hexdigest()
     fs, path = resolve_filesystem(out_uri, s3_endpoint)
-    _write_bytes(fs, path, memoryview(blob))
+    write_bytes_atomic(fs, path, memoryview(blob))
     return ShardEntry(
         uri=rel_uri, rows=n, id_min=int(ids[0]) if n else 0, id_max=int(ids[-1]) if n else -1,
         id_layout=layout, id_offset=int(ids[0]) if layout == "offset" else None,
         sha256=digest, bytes=int(blob.size),
     )
-
-
-def _write_bytes(fs: pafs.FileSystem, path: str, data) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:  # one (multipart) upload: the object appears whole or not at all
-        with fs.open_output_stream(path) as f:
-            f.write(data)
 
 
 def _build_shard_task(*args, **kwargs) -> ShardEntry:
@@ -471,21 +459,9 @@ def _check_ids_unique_across(
 ) -> None:
     """Shards are unique inside; across shards, ids can only collide where id ranges overlap,
     so only those shards' ids are read back and compared."""
-    order = sorted(range(len(entries)), key=lambda i: entries[i].id_min)
-    overlapping: set[int] = set()
-    hi, hi_i = None, None
-    for i in order:
-        e = entries[i]
-        if e.rows == 0:
-            continue
-        if hi is not None and e.id_min <= hi:
-            overlapping.update({i, hi_i})
-        if hi is None or e.id_max > hi:
-            hi, hi_i = e.id_max, i
+    overlapping = overlapping_ranges([(e.id_min, e.id_max) if e.rows else None for e in entries])
     if not overlapping:
         return
-    ids = np.concatenate([read_slices(uri, plan[i], s3_endpoint, columns=("id",))[0] for i in sorted(overlapping)])
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        dup = int(uniq[counts > 1][0])
-        raise ValueError(f"{uri}: id {dup} appears {int(counts[counts > 1][0])} times in the code shards; ids must be unique")
+    ids = np.concatenate([read_slices(uri, plan[i], s3_endpoint, columns=("id",))[0] for i in overlapping])
+    if dup := first_duplicate(ids):
+        raise ValueError(f"{uri}: id {dup[0]} appears {dup[1]} times in the code shards; ids must be unique")

@@ -20,7 +20,6 @@ fingerprint, modality); see :func:`code_shard_meta`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from typing import Any
@@ -30,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from dcgh_dist.storage import table_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,13 @@ def codes_table(ids: np.ndarray, packed: np.ndarray, meta: dict[str, Any] | None
     )
 
 
-def table_to_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    # Codes are random bits: compression buys nothing on them, ids compress well.
-    pq.write_table(table, sink, compression={"id": "zstd", "code": "none"}, use_dictionary=False)
-    return sink.getvalue()
+# Codes are random bits: compression and dictionaries buy nothing on them; ids compress well.
+CODE_SHARD_OPTIONS = {"compression": {"id": "zstd", "code": "none"}, "use_dictionary": False}
+
+
+def code_shard_bytes(table: pa.Table) -> bytes:
+    """A code shard's Parquet bytes, for ``storage.write_bytes_atomic``."""
+    return table_to_bytes(table, **CODE_SHARD_OPTIONS)
 
 
 def codes_from_column(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:

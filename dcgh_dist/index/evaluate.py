@@ -1,7 +1,7 @@
 """Ranking metrics over a sharded index: mAP@k, NDCG@k and precision@k without a Q x N matrix.
 
-The foundation's :mod:`dcgh_dist.metrics` ranks the whole database for every query (chunked, but
-still Q x N distances); here each query retrieves only its top k from a :class:`ShardedIndex`, and
+:mod:`dcgh_dist.metrics` ranks the whole database for every query (chunked, but still Q x N
+distances); here each query retrieves only its top k from a :class:`ShardedIndex`, and
 labels are looked up for those k ids. Memory is O(N x classes/8) for the database labels plus
 O(batch x k), so it works at database sizes where whole-database mAP would not fit.
 
@@ -15,7 +15,7 @@ never from the N items one by one.
 Definitions (as in :mod:`dcgh_dist.metrics`): relevant = shares a label; AP@k = mean, over the
 relevant items among the first k, of the precision at their rank (0 if none); P@k = relevant among
 the first min(k, N) / min(k, N); NDCG@k with gain 2**shared - 1 and ideal DCG over the whole
-database.
+database. The AP and DCG kernels are :mod:`dcgh_dist.metrics`' own.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import SPLITS, list_data_files, resolve_filesystem
+from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, list_data_files, resolve_filesystem
 from dcgh_dist.index.codes import _POPCOUNT8
+from dcgh_dist.metrics import average_precision, dcg, dcg_discounts
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,12 @@ def index_retrieval_metrics(
     map_topk: int = 1000,
     ndcg_k: int | None = 1000,
     precision_k: Sequence[int] = (1, 10, 100, 1000),
-    db_splits: Sequence[str] | None = ("train", "val", "db"),
+    db_splits: Sequence[str] | None = DATABASE_SPLITS,
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """mAP@map_topk, NDCG@ndcg_k and P@k of ``query_codes`` against ``index``.
 
-    Keys as :func:`dcgh_dist.metrics.retrieval_metrics` with ``map_topk`` set: ``"map"``,
+    Keys as :func:`dcgh_dist.metrics.retrieval_metrics` with ``map_topk`` set: ``"map@K"``,
     ``"ndcg@K"``, ``"p@K"``. ``db_splits``: every id in the index must belong to one of them
     (an index built from query rows would score queries against themselves).
     """
@@ -127,9 +128,9 @@ def index_retrieval_metrics(
     db_pos = _index_positions(index, labels, db_splits)
     patterns, pattern_counts = np.unique(labels.labels[db_pos], axis=0, return_counts=True)
 
-    per = {"map": [], **({f"ndcg@{ndcg_k}": []} if ndcg_k else {}),
+    per = {f"map@{map_topk}": [], **({f"ndcg@{ndcg_k}": []} if ndcg_k else {}),
            **{f"p@{k}": [] for k in dict.fromkeys(precision_k)}}
-    disc = 1.0 / np.log2(np.arange(2, k_top + 2, dtype=np.float64))
+    disc = dcg_discounts(k_top)
     for start in range(0, len(query_codes), batch_size):
         qc = query_codes[start:start + batch_size]
         ql = q_lab[start:start + batch_size]
@@ -148,15 +149,15 @@ def index_retrieval_metrics(
         overlap = _overlap(ql, labels.labels[pos])
         rel = overlap > 0
         k = min(map_topk, n_db)
-        per["map"].append(_average_precision(rel[:, :k]))
+        per[f"map@{map_topk}"].append(average_precision(rel[:, :k]))
         for kp in dict.fromkeys(precision_k):
             ke = min(kp, n_db)
             per[f"p@{kp}"].append(np.count_nonzero(rel[:, :ke], axis=1) / ke)
         if ndcg_k:
             ke = min(ndcg_k, n_db)
-            dcg = (np.exp2(overlap[:, :ke].astype(np.float64)) - 1.0) @ disc[:ke]
+            found = dcg(overlap[:, :ke], disc[:ke])
             idcg = _ideal_dcg(ql, patterns, pattern_counts, disc[:ke])
-            per[f"ndcg@{ndcg_k}"].append(np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0))
+            per[f"ndcg@{ndcg_k}"].append(np.divide(found, idcg, out=np.zeros_like(found), where=idcg > 0))
     n_q = len(query_codes)
     return {name: math.fsum(np.concatenate(v)) / n_q for name, v in per.items()}
 
@@ -187,14 +188,6 @@ def _stored_ids(ix) -> np.ndarray:
                 out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
     raise TypeError(f"cannot list the ids of a {type(ix).__name__}")
-
-
-def _average_precision(rel: np.ndarray) -> np.ndarray:
-    hits = np.cumsum(rel, axis=1)
-    ranks = np.arange(1, rel.shape[1] + 1)
-    prec_sum = np.where(rel, hits / ranks, 0.0).sum(axis=1)
-    n = hits[:, -1] if rel.shape[1] else np.zeros(len(rel))
-    return np.divide(prec_sum, n, out=np.zeros(len(rel)), where=n > 0)
 
 
 def _ideal_dcg(q_lab: np.ndarray, patterns: np.ndarray, counts: np.ndarray, disc: np.ndarray) -> np.ndarray:

@@ -37,21 +37,20 @@ from, outside the index by nature): nothing here opens or deletes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
-from dcgh_dist.data.format import join, read_text, resolve_filesystem, write_text_atomic
+from dcgh_dist.config import IndexConfig, config_section
 from dcgh_dist.index.codes import BIT_ORDER
+from dcgh_dist.storage import join, read_text, resolve_filesystem, sha256_stream, write_text_atomic
 
 MANIFEST_FORMAT = "dcgh-dist-index-v1"
 MANIFEST_NAME = "manifest.json"
-INDEX_TYPES = ("flat", "ivf", "multihash")
 ID_LAYOUTS = ("offset", "ids")
 
 # One path component that cannot climb out of ``shards/`` ("." and ".." start with a dot).
@@ -99,73 +98,6 @@ def check_sha256(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _SHA256.fullmatch(value):
         raise ManifestError(f"{where}: sha256 {value!r} is not 64 lowercase hex digits")
     return value
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How ``jobs/build_index.py`` builds an index; saved verbatim in the manifest.
-
-    * ``flat``: ``IndexBinaryFlat``, exact k-NN and radius search, N x K/8 bytes, every query scans
-      everything. Fits up to a few hundred million codes per machine, and evaluation.
-    * ``ivf``: ``IndexBinaryIVF`` with ``nlist`` lists, ``nprobe`` searched; trained once on
-      ``train_size`` codes sampled from all shards, shared by every shard. Approximate, fast at
-      large N; ids stored in the lists (+8 bytes/item).
-    * ``multihash``: ``IndexBinaryMultiHash`` with ``mh_nhash`` hash tables over substrings of
-      ``mh_bits_per_hash`` bits, ``mh_nflip`` flips probed. Radius search is exact up to
-      ``nhash * (nflip + 1) - 1`` (pigeonhole); k-NN is approximate. For "everything within r bits"
-      queries with small r.
-    """
-
-    index_type: Literal["flat", "ivf", "multihash"] = "flat"
-    shard_size: int = 10_000_000
-    nlist: int = 1024
-    nprobe: int = 16
-    train_size: int | None = None  # None = 64 * nlist (FAISS wants >= 39 per centroid)
-    mh_nhash: int | None = None  # None = bits // 16
-    mh_bits_per_hash: int | None = None  # None = bits // mh_nhash
-    mh_nflip: int = 1
-    seed: int = 0
-    task_cpus: float = 1.0  # CPUs per Ray build task (FAISS threads inside it)
-    # Builds whose shards a rebuild keeps: the new one and keep_builds - 1 before it, so a server
-    # still holding the previous manifest keeps working until it reloads.
-    keep_builds: int = 2
-
-    def __post_init__(self):
-        if self.index_type not in INDEX_TYPES:
-            raise ValueError(f"index type must be one of {list(INDEX_TYPES)}, got {self.index_type!r}")
-        for name in ("shard_size", "nlist", "nprobe", "keep_builds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
-        if self.mh_nflip < 0:
-            raise ValueError(f"index mh_nflip must be >= 0, got {self.mh_nflip}")
-
-    def multihash_params(self, bits: int) -> tuple[int, int, int]:
-        """(nhash, bits per hash, nflip) resolved for a bit width; checked against it."""
-        nhash = self.mh_nhash or max(1, bits // 16)
-        b = self.mh_bits_per_hash or bits // nhash
-        if nhash * b > bits or b < 1 or b > 64:
-            raise ValueError(
-                f"multihash: {nhash} hashes x {b} bits do not fit in {bits}-bit codes "
-                "(need nhash * bits_per_hash <= bits, 1 <= bits_per_hash <= 64)"
-            )
-        return nhash, b, self.mh_nflip
-
-    def exact_radius(self, bits: int) -> int | None:
-        """Largest radius whose range search is exact; None = any radius (flat)."""
-        if self.index_type == "flat":
-            return None
-        if self.index_type == "multihash":
-            nhash, _, nflip = self.multihash_params(bits)
-            return nhash * (nflip + 1) - 1
-        return -1  # ivf: never guaranteed
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IndexConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown index config key(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass
@@ -243,7 +175,7 @@ class IndexManifest:
         try:
             shards = [ShardEntry(**s) for s in d["shards"]]
             m = cls(
-                bits=int(d["bits"]), index=IndexConfig.from_dict(d["index"]), shards=shards,
+                bits=int(d["bits"]), index=config_section(IndexConfig, d["index"], "index"), shards=shards,
                 model_fingerprint=d.get("model_fingerprint"), modality=d.get("modality"),
                 config=d.get("config"), codes_uri=d.get("codes_uri", ""),
                 build_id=d.get("build_id", ""), created=d.get("created", ""),
@@ -311,24 +243,3 @@ def write_manifest(uri: str, manifest: IndexManifest, s3_endpoint: str | None = 
     fs, path = resolve_filesystem(uri, s3_endpoint)
     write_text_atomic(fs, path, manifest.to_json())
     return uri
-
-
-def sha256_stream(fs: pafs.FileSystem, path: str, copy_to: str | None = None) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, optionally copying it to a local path on the way."""
-    h = hashlib.sha256()
-    size = 0
-    out = open(copy_to, "wb") if copy_to else None
-    try:
-        with fs.open_input_stream(path) as f:
-            while True:
-                chunk = f.read(8 << 20)
-                if not chunk:
-                    break
-                h.update(chunk)
-                size += len(chunk)
-                if out:
-                    out.write(chunk)
-    finally:
-        if out:
-            out.close()
-    return h.hexdigest(), size

@@ -30,7 +30,7 @@ from dcgh_dist.data.format import DatasetInfo
 from dcgh_dist.distributed import all_reduce_grads, distributed_dcgh_loss
 from dcgh_dist.losses import ClassProxies
 from dcgh_dist.models import build_model
-from dcgh_dist.train.checkpoint import (
+from dcgh_dist.models.checkpoint import (
     CheckpointMeta,
     architecture_of,
     load_state,
@@ -42,21 +42,16 @@ from dcgh_dist.train.engine import build_engine
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def encode_batches(model, batches, device) -> dict[str, np.ndarray]:
-    """Relaxed codes + labels of every batch (eval mode), concatenated."""
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
+def encode_batches(model, batches) -> dict[str, np.ndarray]:
+    """Relaxed codes + labels of every batch (eval mode, through the one inference path)."""
+    from dcgh_dist.models.encoder import Encoder
+
+    enc = Encoder(model)
     out: dict[str, list] = {"image_codes": [], "text_codes": [], "labels": []}
     for b in batches:
-        b = {k: (v.to(device, dtype) if v.is_floating_point() and k != "labels" else v.to(device))
-             for k, v in b.items() if isinstance(v, torch.Tensor)}
-        codes = model(b)
-        out["image_codes"].append(codes["image_codes"].float().cpu().numpy())
-        out["text_codes"].append(codes["text_codes"].float().cpu().numpy())
+        out["image_codes"].append(enc.relaxed("image", b[model.image_key]))
+        out["text_codes"].append(enc.relaxed("text", b[model.text_key]))
         out["labels"].append(b["labels"].float().cpu().numpy())
-    model.train(was_training)
     return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
 
 
@@ -231,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
             if cache_val and val_cache is None:
                 val_batches = val_cache = list(val_batches)
-            metrics.update(validation_metrics(encode_batches(engine.module, val_batches, device)))
+            metrics.update(validation_metrics(encode_batches(engine.module, val_batches)))
         if rank == 0:
             history.append(metrics)
             logger.info("epoch %d done: %s", epoch + 1, json.dumps(

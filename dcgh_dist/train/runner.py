@@ -19,27 +19,9 @@ from typing import Any
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DATABASE_SPLITS, DatasetScan, scan_dataset
+from dcgh_dist.data.presets import resolve_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_dataset(cfg: Config) -> str:
-    """A dataset name/path/URI -> the URI to read. ``demo`` is generated on first use."""
-    name = cfg.data.dataset
-    if name == "demo":
-        from dcgh_dist.data.demo import ensure_demo_dataset
-
-        return ensure_demo_dataset(cfg.data.demo_size, cfg.data.demo_seed, cfg.data.data_root)
-    if name.startswith("s3://") or os.path.isdir(name):
-        return name
-    from dcgh_dist.data.presets import DATASET_PRESETS, preset_path
-
-    if name in DATASET_PRESETS:
-        return preset_path(name, cfg.data.data_root)
-    raise ValueError(
-        f"dataset {name!r} is neither 'demo', a known preset ({sorted(DATASET_PRESETS)}), "
-        "an existing directory nor an s3:// URI"
-    )
 
 
 @dataclass
@@ -78,7 +60,7 @@ class RunPlan:
 def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
     """Resolve and validate the dataset, choose the run directory, check a resume: every mistake
     a user can make surfaces here, in seconds, not after a Ray start or an hour of training."""
-    uri = resolve_dataset(cfg)
+    uri = resolve_dataset(cfg.data)
     scan = scan_dataset(uri, cfg.data.s3_endpoint)
     n_train = scan.split_counts["train"]
     spe = steps_per_epoch(n_train, cfg.data.batch_size, cfg.train.num_workers)
@@ -121,7 +103,7 @@ def check_resumable(ckpt, cfg: Config, info) -> None:
     'size mismatch' from inside a worker."""
     import pyarrow.fs as pafs
 
-    from dcgh_dist.train.checkpoint import CheckpointMeta
+    from dcgh_dist.models.checkpoint import CheckpointMeta
 
     fs = ckpt.filesystem or pafs.LocalFileSystem()
     with fs.open_input_stream(f"{ckpt.path}/meta.json") as f:
@@ -215,7 +197,7 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         # The exported checkpoint is what evaluation, encoding and serving need: weights,
         # proxies, meta. Optimizer and DeepSpeed state stay in the run directory.
         export_checkpoint(d, dest)
-    from dcgh_dist.train.checkpoint import read_meta
+    from dcgh_dist.models.checkpoint import read_meta
 
     meta = read_meta(dest)
     history = meta.history
@@ -304,7 +286,7 @@ def export_checkpoint(src: str, dest: str) -> None:
     """Copy the selected checkpoint to ``dest``, replacing only an earlier export (a directory
     holding a dcgh-dist checkpoint's meta.json), never other files."""
     if os.path.lexists(dest):
-        from dcgh_dist.train.checkpoint import read_meta
+        from dcgh_dist.models.checkpoint import read_meta
 
         try:
             read_meta(dest)
@@ -336,7 +318,7 @@ def latest_checkpoint(run_dir: str, cfg: Config):
     import pyarrow.fs as pafs
     import ray.train
 
-    from dcgh_dist.train.checkpoint import CheckpointMeta
+    from dcgh_dist.models.checkpoint import CheckpointMeta
 
     fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
     base = _storage_path(run_dir)

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
+from dcgh_dist.config import PrepareConfig
 from dcgh_dist.data.format import INFO_FILE, DatasetInfo, resolve_filesystem
 from dcgh_dist.data.prepare import coco, listfile, mirflickr, nuswide
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, SourceScan
@@ -42,7 +43,7 @@ from dcgh_dist.data.prepare.output import TOOL, OutputContents, Run, inspect_out
 from dcgh_dist.data.prepare.report import REPORT_FILE, SkipReport, report_json
 from dcgh_dist.data.prepare.source import InputTree
 from dcgh_dist.data.prepare.splits import SplitAssigner, SplitSizes, seeded_order
-from dcgh_dist.data.prepare.writer import DEFAULT_SHARD_BYTES, ShardEntry, ShardWriter, manifest_dict
+from dcgh_dist.data.prepare.writer import DataShard, ShardWriter, manifest_dict
 from dcgh_dist.data.presets import DATASET_PRESETS
 
 logger = logging.getLogger(__name__)
@@ -55,30 +56,17 @@ RAW_LAYOUTS = {"mirflickr": mirflickr, "nuswide": nuswide, "coco": coco}
 MIN_TOLERATED_IMAGE_ERRORS = 10
 
 
-@dataclass(frozen=True)
-class PrepareOptions:
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(PrepareConfig):
+    """One run: what to prepare, from where, to where; the settings are the config tree's
+    ``prepare`` section (:class:`dcgh_dist.config.PrepareConfig`), inherited."""
+
     dataset: str  # a preset name (mirflickr25k, nuswide, nuswide-top10, coco) or, with layout=list, any name
     input: str  # raw tree: directory or s3:// prefix
     output: str  # dataset: directory or s3:// prefix
-    layout: str = "auto"  # auto | raw | list
-    seed: int = 0
-    query: int | None = None  # None = the preset's
-    val: int | None = None
-    train: int | None = None
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    row_group_bytes: int | None = None
-    max_side: int | None = None  # shrink larger images to this side and re-encode as JPEG
-    jpeg_quality: int = 90
-    workers: int | None = None  # None = cores - 1 (at least 1); 0 = in this process
-    chunk_size: int = 32  # images per task
     s3_endpoint: str | None = None
     overwrite: bool = False
-    max_image_errors: float = 0.05  # stop when more than this fraction of the images fail
     image_root: str | None = None
-    coco_captions: str = "first"
-    nus_text: str = "auto"
-    top_k: int | None = None
-    min_tag_images: int = 20
     class_names_file: str | None = None
     progress: bool = True
 
@@ -87,7 +75,7 @@ class PrepareOptions:
 class PrepareResult:
     output: str
     info: DatasetInfo
-    shards: list[ShardEntry]
+    shards: list[DataShard]
     report: SkipReport
     report_path: str
     summary: dict[str, Any]  # what prepare_report.json holds, minus the reasons

@@ -37,8 +37,8 @@ _ROW_OVERHEAD = 32
 
 
 @dataclass
-class ShardEntry:
-    """One line of the manifest."""
+class DataShard:
+    """One data shard (Parquet file) in the manifest of a prepared dataset."""
 
     path: str  # relative to the dataset root
     rows: int
@@ -117,7 +117,7 @@ class ShardWriter:
         row_group_bytes: int | None = None,
         display_root: str | None = None,
         run_id: str | None = None,
-        before_publish: Callable[[ShardEntry], None] | None = None,
+        before_publish: Callable[[DataShard], None] | None = None,
     ):
         if shard_bytes < 1:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
@@ -128,7 +128,7 @@ class ShardWriter:
         self.schema = dataset_schema(info)
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes or DEFAULT_ROW_GROUP_BYTES, shard_bytes)
-        self.shards: list[ShardEntry] = []
+        self.shards: list[DataShard] = []
         self._buf: dict[str, list] = {n: [] for n in self.schema.names}
         self._buf_bytes = 0
         self._sink: _HashingSink | None = None
@@ -164,7 +164,7 @@ class ShardWriter:
         if self._buf_bytes >= self.row_group_bytes:
             self._flush_row_group()
 
-    def close(self) -> list[ShardEntry]:
+    def close(self) -> list[DataShard]:
         """Flush and close the last shard; the manifest entries, in shard order."""
         if self._writer is not None:
             self._close_shard()
@@ -209,7 +209,7 @@ class ShardWriter:
         self._flush_row_group()
         self._writer.close()
         self._sink.close()
-        entry = ShardEntry(
+        entry = DataShard(
             path=self._rel,
             rows=self._shard_rows,
             bytes=self._sink.size,
@@ -227,7 +227,7 @@ class ShardWriter:
         self._writer = self._sink = None
 
 
-def manifest_dict(shards: list[ShardEntry]) -> dict[str, Any]:
+def manifest_dict(shards: list[DataShard]) -> dict[str, Any]:
     return {
         "shards": [asdict(s) for s in shards],
         "total_rows": sum(s.rows for s in shards),

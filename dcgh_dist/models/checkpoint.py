@@ -1,6 +1,7 @@
 """Checkpoint layout, shared by training, evaluation, encoding and serving.
 
-A checkpoint is a directory:
+A checkpoint is a directory (local, or an ``s3://`` prefix: read through ``dcgh_dist.storage``,
+like datasets):
 
     model.pt           hasher state dict (no DDP/DeepSpeed prefixes)
     proxies.pt         class proxies
@@ -23,6 +24,7 @@ import torch
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DatasetInfo
+from dcgh_dist.storage import display, exists, join, read_bytes, read_text, resolve_filesystem
 
 CHECKPOINT_FORMAT = "dcgh-dist-checkpoint-v1"
 
@@ -104,17 +106,32 @@ def save_checkpoint(
         f.write(meta.to_json())
 
 
+def save_untrained(path: str, config: Config, dataset_info: DatasetInfo) -> str:
+    """The untrained model of ``config`` (seeded with ``train.seed``) saved as a checkpoint: what
+    benchmarks and tests encode with, and a smoke test of a deployment before any training."""
+    from dcgh_dist.losses import ClassProxies
+    from dcgh_dist.models import build_model
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, image_feature_dim=dataset_info.image_feature_dim,
+                        text_feature_dim=dataset_info.text_feature_dim)
+    proxies = ClassProxies(dataset_info.num_classes, config.model.bits)
+    save_checkpoint(path, model.state_dict(), proxies.state_dict(),
+                    CheckpointMeta(config, dataset_info, architecture=architecture_of(model)))
+    return path
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message says which file and why."""
 
 
-def read_meta(path: str) -> CheckpointMeta:
+def read_meta(uri: str, s3_endpoint: str | None = None) -> CheckpointMeta:
     """The checkpoint's meta.json alone (no weights read, nothing verified: see verified_meta)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no meta.json)")
-    with open(meta_path) as f:
-        return _parse_meta(f.read(), meta_path)
+    fs, root = resolve_filesystem(uri, s3_endpoint)
+    path = join(root, "meta.json")
+    if not exists(fs, path):
+        raise FileNotFoundError(f"{uri}: not a checkpoint directory (no meta.json)")
+    return _parse_meta(read_text(fs, path), display(fs, path))
 
 
 def _parse_meta(text: str, where: str) -> CheckpointMeta:
@@ -124,12 +141,12 @@ def _parse_meta(text: str, where: str) -> CheckpointMeta:
         raise CheckpointError(f"{where}: malformed checkpoint metadata ({type(e).__name__}: {e})") from e
 
 
-def load_state(path: str, name: str) -> dict[str, Any]:
-    file = os.path.join(path, name)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{path}: checkpoint has no {name}")
-    with open(file, "rb") as f:
-        return _load_bytes(f.read(), file)
+def load_state(uri: str, name: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    fs, root = resolve_filesystem(uri, s3_endpoint)
+    path = join(root, name)
+    if not exists(fs, path):
+        raise FileNotFoundError(f"{uri}: checkpoint has no {name}")
+    return _load_bytes(read_bytes(fs, path), display(fs, path))
 
 
 def _load_bytes(data: bytes, where: str) -> dict[str, Any]:
@@ -142,17 +159,17 @@ def _load_bytes(data: bytes, where: str) -> dict[str, Any]:
     return state
 
 
-def read_checkpoint_files(path: str) -> dict[str, bytes]:
+def read_checkpoint_files(uri: str, s3_endpoint: str | None = None) -> dict[str, bytes]:
     """The files a model needs (weights + meta), as bytes: shipped through Ray's object store,
     actors on other nodes need not see the driver's filesystem, and nothing is copied to disk."""
+    fs, root = resolve_filesystem(uri, s3_endpoint)
     out = {}
     for name in ("model.pt", "meta.json"):
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{path}: not a checkpoint directory (no {name})")
-        with open(file, "rb") as f:
-            out[name] = f.read()
-    out["where"] = path.encode()
+        path = join(root, name)
+        if not exists(fs, path):
+            raise FileNotFoundError(f"{uri}: not a checkpoint directory (no {name})")
+        out[name] = read_bytes(fs, path)
+    out["where"] = uri.rstrip("/").encode()
     return out
 
 
@@ -193,14 +210,14 @@ def verify_files(files: dict[str, bytes]) -> CheckpointMeta:
     return meta
 
 
-def verified_meta(path: str) -> CheckpointMeta:
+def verified_meta(uri: str, s3_endpoint: str | None = None) -> CheckpointMeta:
     """meta.json, after checking that model.pt's weights match its fingerprint."""
-    return verify_files(read_checkpoint_files(path))
+    return verify_files(read_checkpoint_files(uri, s3_endpoint))
 
 
-def load_model(path: str, *, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta) from a checkpoint directory, weights verified."""
-    return model_from_files(read_checkpoint_files(path), device=device)
+def load_model(uri: str, *, device: str | torch.device = "cpu", s3_endpoint: str | None = None):
+    """(model in eval mode, meta) from a checkpoint directory or ``s3://`` URI, weights verified."""
+    return model_from_files(read_checkpoint_files(uri, s3_endpoint), device=device)
 
 
 def architecture_of(model) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""What every benchmark prints beside its table: the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine() -> str:
+    """Cores, CPU model, memory, GPU and the library versions the figures depend on."""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        mem = "? GiB"
+    versions = []
+    for mod in ("torch", "pyarrow", "faiss", "ray"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    gpu = "no GPU"
+    if "torch" in sys.modules:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else gpu
+    return f"{os.cpu_count()} cores ({cpu}), {mem}, {gpu}, Python {platform.python_version()}, " + ", ".join(versions)

@@ -1,0 +1,173 @@
+"""Inputs -> hash codes: the one inference path (validation, evaluation, encoding, serving).
+
+``Encoder`` wraps a hasher and says how to feed it. It takes
+
+* preprocessed model inputs (``relaxed`` / ``codes``: what Ray Data pipelines hand it), or
+* raw inputs (``encode_texts`` with caption strings, ``encode_images`` with encoded image bytes:
+  what a query server receives), preprocessed by ``preprocessor()``, which is built from the
+  checkpoint's metadata alone (config, dataset info, architecture): a server has no dataset;
+
+and returns relaxed codes (float32 tanh outputs in (-1, 1)) or packed codes (bit = relaxed >= 0,
+``numpy.packbits`` order, K/8 bytes), at fp32 or under bf16 autocast. It knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from dcgh_dist.index.codes import pack_relaxed  # the bit convention, defined once
+
+Modality = Literal["image", "text"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class RawCodes:
+    """Codes of raw inputs; rows whose input could not be used have ``errors[i] != ""`` and
+    zero codes (never a code of garbage)."""
+
+    codes: np.ndarray
+    errors: list[str]
+
+
+class Encoder:
+    """A hasher in eval mode on one device, with the preprocessing its checkpoint implies."""
+
+    def __init__(self, model, meta=None, *, device: str | torch.device | None = None,
+                 precision: Precision = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model = model
+        self.meta = meta  # CheckpointMeta, or None for a live model (training-time validation)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if device is not None:
+            self.model.to(self.device)
+        self.precision = precision
+        self.bits = model.bits
+        self._pre: dict[tuple, Any] = {}
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, *, s3_endpoint: str | None = None, device: str = "auto",
+                        precision: Precision = "fp32") -> "Encoder":
+        """From a checkpoint directory or ``s3://`` URI; the weights are verified."""
+        from dcgh_dist.models.checkpoint import read_checkpoint_files
+
+        return cls.from_files(read_checkpoint_files(uri, s3_endpoint), device=device, precision=precision)
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], *, device: str = "auto", precision: Precision = "fp32") -> "Encoder":
+        """From ``read_checkpoint_files``' bytes (shipped to Ray actors through the object store)."""
+        from dcgh_dist.models.checkpoint import model_from_files
+
+        device = _device(device)
+        model, meta = model_from_files(files, device=device)
+        return cls(model, meta, device=device, precision=precision)
+
+    @classmethod
+    def untrained(cls, config, dataset_info, *, device: str = "auto") -> "Encoder":
+        """The model training starts from (same seed): the baseline a trained model is scored against."""
+        from dcgh_dist.models import build_model
+        from dcgh_dist.models.checkpoint import CheckpointMeta, architecture_of
+
+        torch.manual_seed(config.train.seed)
+        model = build_model(config.model, image_feature_dim=dataset_info.image_feature_dim,
+                            text_feature_dim=dataset_info.text_feature_dim).eval()
+        meta = CheckpointMeta(config, dataset_info, architecture=architecture_of(model))
+        return cls(model, meta, device=_device(device))
+
+    # -- preprocessed inputs ---------------------------------------------------------------
+
+    def key(self, modality: Modality) -> str:
+        """The model-input column of a modality (``image``/``text``, or ``*_features``)."""
+        return self.model.image_key if modality == "image" else self.model.text_key
+
+    @torch.no_grad()
+    def relaxed(self, modality: Modality, x) -> np.ndarray:
+        """Relaxed codes (float32 (N, K)) of preprocessed inputs, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(self.device)
+            if t.is_floating_point():
+                t = t.to(next(self.model.parameters()).dtype)
+            fn = self.model.encode_image if modality == "image" else self.model.encode_text
+            if self.precision == "bf16":
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                    return fn(t).float().cpu().numpy()
+            return fn(t).float().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
+    def codes(self, modality: Modality, x, *, packed: bool = True) -> np.ndarray:
+        relaxed = self.relaxed(modality, x)
+        return pack_relaxed(relaxed) if packed else relaxed
+
+    def bit_agreement(self, modality: Modality, x) -> float:
+        """Share of bits on which bf16 autocast agrees with fp32 for these inputs (measured)."""
+        fp32 = Encoder(self.model, self.meta, device=self.device, precision="fp32").relaxed(modality, x) >= 0
+        bf16 = Encoder(self.model, self.meta, device=self.device, precision="bf16").relaxed(modality, x) >= 0
+        return float((fp32 == bf16).mean())
+
+    # -- raw inputs ------------------------------------------------------------------------
+
+    def preprocessor(self, modalities: Sequence[Modality] = ("image", "text"), *, on_error: str = "skip",
+                     with_labels: bool = False):
+        """The evaluation-time preprocessing of this checkpoint (resize, normalisation,
+        tokenizer), from its metadata alone."""
+        key = (tuple(modalities), on_error, with_labels)
+        if key not in self._pre:
+            if self.meta is None:
+                raise ValueError("a live model without checkpoint metadata has no preprocessor")
+            self._pre[key] = checkpoint_preprocessor(self.meta, modalities, on_error=on_error,
+                                                     with_labels=with_labels)
+        return self._pre[key]
+
+    def encode_texts(self, texts: Sequence[str], *, packed: bool = True) -> RawCodes:
+        return self._encode_raw("text", list(texts), packed)
+
+    def encode_images(self, images: Sequence[bytes], *, packed: bool = True) -> RawCodes:
+        return self._encode_raw("image", list(images), packed)
+
+    def _encode_raw(self, modality: Modality, items: list, packed: bool) -> RawCodes:
+        column = self.meta.dataset_info.image_column if modality == "image" else self.meta.dataset_info.text_column
+        if column.endswith("_features"):
+            raise ValueError(f"this checkpoint's model encodes {modality} from {column!r}, not raw inputs")
+        batch = {"id": np.arange(len(items), dtype=np.int64), modality: np.array(items, dtype=object)}
+        x = self.preprocessor((modality,))(batch)
+        errors = [str(e) for e in x[f"{modality}_error"]]
+        ok = np.array([e == "" for e in errors])
+        width = self.bits // 8 if packed else self.bits
+        out = np.zeros((len(items), width), dtype=np.uint8 if packed else np.float32)
+        if ok.any():
+            out[ok] = self.codes(modality, x[self.key(modality)][ok], packed=packed)
+        return RawCodes(out, errors)
+
+
+def checkpoint_preprocessor(meta, modalities: Sequence[Modality] = ("image", "text"), *,
+                            on_error: str = "skip", with_labels: bool = False):
+    """The evaluation-time preprocessing a checkpoint's model expects (image size, CLIP
+    normalisation, tokenizer and context length), from ``meta`` alone: no dataset needed."""
+    from dcgh_dist.data.pipeline import image_size_for
+    from dcgh_dist.data.preprocess import BatchPreprocessor
+
+    cfg = meta.config
+    vision = (meta.architecture or {}).get("vision") or {}
+    pretrained = cfg.model.pretrained
+    return BatchPreprocessor(
+        meta.dataset_info, image_size=int(vision.get("image_size") or image_size_for(cfg)),
+        context_length=cfg.model.context_length, augment=False,
+        tokenizer_dir=pretrained if pretrained and not str(pretrained).endswith(".pt") else None,
+        modalities=tuple(modalities), on_error=on_error, with_labels=with_labels,
+    )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
