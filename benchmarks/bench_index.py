@@ -74,7 +74,7 @@ def write_code_shards(codes: np.ndarray, root: str, rows_per_file: int) -> float
     """Code shards of ``codes`` with ids 0..N-1 (skipped if already there). Returns seconds."""
     import pyarrow.parquet as pq
 
-    from dcgh_dist.index.codes import code_shard_meta, codes_table
+    from dcgh_dist.index.codes import CODE_SHARD_OPTIONS, code_shard_meta, codes_table
 
     marker = os.path.join(root, "_complete")
     if os.path.exists(marker) and open(marker).read() == str(len(codes)):
@@ -86,8 +86,7 @@ def write_code_shards(codes: np.ndarray, root: str, rows_per_file: int) -> float
     for f, s in enumerate(range(0, len(codes), rows_per_file)):
         e = min(len(codes), s + rows_per_file)
         pq.write_table(codes_table(np.arange(s, e, dtype=np.int64), codes[s:e], meta),
-                       os.path.join(root, f"part-{f:05d}.parquet"), compression={"id": "zstd", "code": "none"},
-                       use_dictionary=False)
+                       os.path.join(root, f"part-{f:05d}.parquet"), **CODE_SHARD_OPTIONS)
     open(marker, "w").write(str(len(codes)))
     return time.time() - t0
 
@@ -161,11 +160,9 @@ def bench_one(n: int, args, types: list[str], out_rows: list[dict]) -> None:
         index = ShardedIndex.open(idx_dir)
         open_s = time.perf_counter() - t0
         for nprobe in nprobes if t == "ivf" else [None]:
-            if nprobe:
-                index.set_nprobe(nprobe)
             for k in (10, 100):
                 s, (D, I), s_ref, (ref_D, _), paired = timed_pair(
-                    lambda: index.search(q, k), lambda: ref.search(q, k), args.repeat, clock)
+                    lambda: index.search(q, k, nprobe=nprobe), lambda: ref.search(q, k), args.repeat, clock)
                 qps, ref_qps = len(q) / s, len(q) / s_ref
                 row = {
                     "n": n, "index": t + (f" nlist={args.nlist} nprobe={nprobe}" if nprobe else ""),
@@ -186,7 +183,7 @@ def bench_one(n: int, args, types: list[str], out_rows: list[dict]) -> None:
             out_rows.append({"n": n, "index": "multihash-range", "radius": r, "qps": len(q) / s_mh,
                              "ref_qps": len(q) / s_ref, "ratio": s_ref / s_mh, "ratio_paired": paired,
                              "results": int(lims[-1]), "exact": int(lims[-1]) == int(lims_ref[-1])})
-        del index
+        index.close()
         shutil.rmtree(idx_dir, ignore_errors=True)
     del ref
 

@@ -45,7 +45,7 @@ __all__ = [
     "binarize",
     "dcg",
     "dcg_discounts",
-    "hamming_distance",
+    "hamming_distances_unpacked",
     "mean_average_precision",
     "ndcg_at_k",
     "precision_at_k",
@@ -367,7 +367,7 @@ def _evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def hamming_distance(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
+def hamming_distances_unpacked(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances, int32 array of shape ``(Q, N)``.
 
     Codes are binarised with :func:`binarize` first, so ±1, {0, 1} and relaxed codes all work.

@@ -159,7 +159,7 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
 def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_type):
     import build_index as build_job  # jobs/build_index.py
 
-    from dcgh_dist.index import ShardedIndex, hamming_distances
+    from dcgh_dist.index import ShardedIndex, hamming_distances_packed
     from test_index import assert_knn_tie_aware
 
     out, _ = encoded_demo
@@ -171,7 +171,7 @@ def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_ty
     ids, codes = read_codes(codes_dir)
     index = ShardedIndex.open(idx, checkpoint=checkpoint)
     q = codes[::7] ^ np.uint8(1)  # near-duplicates of database codes, and exact ties among them
-    full = hamming_distances(q, codes)
+    full = hamming_distances_packed(q, codes)
     if index_type == "flat":
         for k in (1, 10, 100):
             D, I = index.search(q, k)

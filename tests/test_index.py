@@ -2,19 +2,24 @@
 
 Library-level: synthetic codes with many ties (few distinct codes), shards with both id layouts
 (contiguous ids -> bare index + offset; scattered ids -> the index keeps them), built in-process.
-The Ray-task build and the demo checkpoint are exercised in tests/test_encode_job.py.
+The Ray-task build and the demo checkpoint are exercised in tests/test_encode_job.py. The last
+section is what a long-running server relies on: parallel opening, checksums verified once per
+build, memory-mapped shards, close(), concurrent searches with per-call nprobe.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+import dcgh_dist.index.search as search_mod
 from dcgh_dist.index import (
     BIT_ORDER,
     IndexConfig,
@@ -22,14 +27,15 @@ from dcgh_dist.index import (
     ShardedIndex,
     as_packed,
     brute_force_search,
-    hamming_distances,
+    hamming_distances_packed,
     pack_codes,
     unpack_codes,
 )
 from dcgh_dist.index.build import build_index
 from dcgh_dist.index.codes import code_shard_meta, codes_table, pack_relaxed, read_code_shard
 from dcgh_dist.index.manifest import BuildConflictError, read_manifest, resolve_shard_uri
-from dcgh_dist.metrics import binarize, hamming_distance
+from dcgh_dist.index.search import IndexClosedError
+from dcgh_dist.metrics import binarize, hamming_distances_unpacked
 
 BITS = 64
 
@@ -60,7 +66,7 @@ def test_pack_unpack_round_trip(form):
     }[form]
     packed = pack_codes(codes)
     assert np.array_equal(unpack_codes(packed, BITS), bits)
-    # The same bits the foundation's metrics see.
+    # The same bits dcgh_dist.metrics sees.
     assert np.array_equal(unpack_codes(packed), binarize(codes))
     # Queries in any form pack the same way; packed queries pass through unchanged.
     assert np.array_equal(as_packed(codes, BITS), packed)
@@ -78,10 +84,10 @@ def test_pack_errors_are_clear():
         pack_relaxed(np.full((1, 8), np.nan))
 
 
-def test_hamming_matches_foundation():
+def test_packed_hamming_matches_the_metrics_module():
     rng = np.random.default_rng(1)
     q, d = rng.random((7, BITS)) < 0.5, rng.random((30, BITS)) < 0.5
-    assert np.array_equal(hamming_distances(pack_codes(q), pack_codes(d)), hamming_distance(q, d))
+    assert np.array_equal(hamming_distances_packed(pack_codes(q), pack_codes(d)), hamming_distances_unpacked(q, d))
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +131,7 @@ def queries(n=60, seed=9):
 def assert_knn_tie_aware(D, I, q, db_codes, db_ids, k):
     """FAISS's results vs a brute-force scan: the same distance list for every query, the same id
     set at every distance below the k-th, and ids at the k-th distance drawn from the tied ones."""
-    full = hamming_distances(q, db_codes)
+    full = hamming_distances_packed(q, db_codes)
     for r in range(len(q)):
         ref = np.sort(full[r])[:k]
         assert np.array_equal(D[r], ref), f"query {r}: distances differ"
@@ -196,7 +202,7 @@ def test_flat_range_search_is_exact(code_dir, built):
     _, ids, codes = code_dir
     index = ShardedIndex.open(built["flat"])
     q = queries()
-    full = hamming_distances(q, codes)
+    full = hamming_distances_packed(q, codes)
     for radius in (0, 5, 20):
         lims, D, I = index.range_search(q, radius)
         for r in range(len(q)):
@@ -212,7 +218,7 @@ def test_multihash_range_search_is_exact_up_to_its_radius(code_dir, built):
     exact_r = index.manifest.index.exact_radius(BITS)
     assert exact_r == 7  # 4 hashes of 16 bits, 1 flip: pigeonhole bound 4 * 2 - 1
     q = queries()
-    full = hamming_distances(q, codes)
+    full = hamming_distances_packed(q, codes)
     lims, D, I = index.range_search(q, exact_r)
     assert lims[-1] > 0
     for r in range(len(q)):
@@ -228,13 +234,12 @@ def test_ivf_recall(code_dir, built, capsys):
     q = queries()
     k = 10
     bD, _ = brute_force_search(q, codes, ids, k)
-    full = hamming_distances(q, codes)
+    full = hamming_distances_packed(q, codes)
     recalls = {}
     pos = {int(i): p for p, i in enumerate(ids)}
     dk = bD[:, -1]
     for nprobe in (1, 4, 16):
-        index.set_nprobe(nprobe)
-        D, I = index.search(q, k)
+        D, I = index.search(q, k, nprobe=nprobe)
         # Tie-aware recall@k: a hit is a returned id within the true k-th distance.
         hits = sum(1 for r in range(len(q)) for i in I[r] if i >= 0 and full[r, pos[int(i)]] <= dk[r])
         recalls[nprobe] = hits / (len(q) * k)
@@ -574,10 +579,10 @@ def test_code_shard_reader_accepts_plain_binary_codes(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics through the index == the foundation's metrics
+# Metrics through the index == dcgh_dist.metrics
 
 
-def test_index_metrics_equal_foundation_metrics_with_ties(tmp_path):
+def test_index_metrics_equal_in_memory_metrics_with_ties(tmp_path):
     """mAP@k, NDCG@k, P@k from top-k retrieval equal dcgh_dist.metrics' whole-ranking values.
 
     Few distinct codes make ties at the k-th distance the rule, not the exception, so the
@@ -626,3 +631,336 @@ def test_index_metrics_equal_foundation_metrics_with_ties(tmp_path):
     # An index that holds query rows is refused: it would rank queries against themselves.
     with pytest.raises(ValueError, match="not in the database splits"):
         index_retrieval_metrics(index, q_codes, q_ids, table, map_topk=5, db_splits=("train",))
+
+
+# --------------------------------------------------------------------------------------------
+# A long-running server: parallel opening, checksums verified once per build, memory-mapped
+# shards, close(), concurrent searches with per-call nprobe
+
+
+@pytest.fixture
+def hash_calls(monkeypatch) -> list[str]:
+    """The paths search.py hashes, in call order."""
+    calls: list[str] = []
+    real = search_mod.sha256_stream
+
+    def counting(fs, path, copy_to=None):
+        calls.append(path)
+        return real(fs, path, copy_to=copy_to)
+
+    monkeypatch.setattr(search_mod, "sha256_stream", counting)
+    return calls
+
+
+def _shard_files(index_dir: str) -> list[str]:
+    m = json.loads(Path(index_dir, "manifest.json").read_text())
+    return [os.path.join(index_dir, s["uri"]) for s in m["shards"]]
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.parametrize("t", ["flat", "ivf", "multihash"])
+def test_parallel_open_equals_sequential(code_dir, built, t):
+    import faiss
+
+    _, ids, codes = code_dir
+    one = ShardedIndex.open(built[t], threads=1)
+    many = ShardedIndex.open(built[t], threads=3)
+    assert len(one._indexes) == len(many._indexes) == 3
+    for a, b in zip(one._indexes, many._indexes):  # the same shards, in the manifest's order
+        assert np.array_equal(faiss.serialize_index_binary(a), faiss.serialize_index_binary(b))
+    q = queries()
+    for x, y in zip(one.search(q, 10), many.search(q, 10)):
+        assert np.array_equal(x, y)
+    if t == "flat":
+        assert_knn_tie_aware(*many.search(q, 10), q, codes, ids, 10)
+
+
+def test_shards_are_opened_side_by_side(built, monkeypatch):
+    """All three shard loads are in flight at once: one-by-one opening would never pass the
+    barrier (BrokenBarrierError after its timeout)."""
+    barrier = threading.Barrier(3, timeout=60)
+    real = search_mod._load_shard
+
+    def load(*a, **kw):
+        barrier.wait()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(search_mod, "_load_shard", load)
+    with ShardedIndex.open(built["flat"], threads=3) as index:
+        assert index.search(queries(4), 3)[0].shape == (4, 3)
+
+
+def test_parallel_open_names_the_first_bad_shard(built, tmp_path):
+    d = _copy_index(built["flat"], tmp_path / "idx")
+    for shard in _shard_files(d)[1:]:
+        data = bytearray(Path(shard).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path(shard).write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"shard 1 .*sha256 .* does not match"):
+        ShardedIndex.open(d, threads=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums: always / once / never
+
+
+def test_verify_once_hashes_each_build_once(code_dir, tmp_path, hash_calls):
+    root, _, _ = code_dir
+    d, cache = str(tmp_path / "idx"), str(tmp_path / "cache")
+    m1 = build_index(root, d, IndexConfig(shard_size=700), use_ray=False)
+    shards = _shard_files(d)
+    q = queries()
+
+    def opened(**kw) -> int:
+        """Open, check the answers, return how many shards were hashed."""
+        before = len(hash_calls)
+        with ShardedIndex.open(d, cache_dir=cache, **kw) as index:
+            assert np.array_equal(index.search(q, 10)[0], ref_D)
+        return len(hash_calls) - before
+
+    ref_D = ShardedIndex.open(d).search(q, 10)[0]
+    hash_calls.clear()
+    assert opened(verify="once") == 3  # first open: everything hashed, then recorded
+    records = os.listdir(os.path.join(cache, "verified"))
+    assert len(records) == 1 and records[0].startswith(f"{m1.build_id}.")
+    assert opened(verify="once") == 0  # a restarted replica: the same build, unchanged files
+    assert opened(verify="once", threads=1) == 0
+    assert opened(verify="always") == 3 and opened(verify="never") == 0
+    assert opened() == 3  # "always" is the default
+
+    # A shard touched (or rewritten, replaced) since: that shard alone is hashed again.
+    st = os.stat(shards[1])
+    os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert opened(verify="once") == 1 and hash_calls[-1] == shards[1]
+    assert opened(verify="once") == 0
+
+    # Corrupted through the filesystem, same size: the record no longer matches, so it is hashed
+    # and refused, and nothing new is recorded.
+    good = Path(shards[2]).read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    Path(shards[2]).write_bytes(bytes(bad))
+    with pytest.raises(ManifestError, match=r"shard 2 .*sha256 .* does not match"):
+        ShardedIndex.open(d, cache_dir=cache, verify="once")
+    Path(shards[2]).write_bytes(good)
+    assert opened(verify="once") == 1
+    assert opened(verify="once") == 0
+
+    # A changed manifest has no record: everything is hashed again.
+    path = Path(d, "manifest.json")
+    original = path.read_text()
+    man = json.loads(original)
+    man["extra"]["note"] = "edited"
+    path.write_text(json.dumps(man))
+    assert opened(verify="once") == 3 and opened(verify="once") == 0
+    path.write_text(original)
+    assert opened(verify="once") == 0  # the first manifest's record still holds
+
+    # A new build: new shards, new record.
+    m2 = build_index(root, d, IndexConfig(shard_size=700), use_ray=False)
+    assert m2.build_id != m1.build_id
+    assert opened(verify="once") == 3 and opened(verify="once") == 0
+    assert sum(r.startswith(f"{m2.build_id}.") for r in os.listdir(os.path.join(cache, "verified"))) == 1
+
+    # The same build copied elsewhere: other files, other record.
+    d2 = _copy_index(d, tmp_path / "copy")
+    before = len(hash_calls)
+    ShardedIndex.open(d2, cache_dir=cache, verify="once").close()
+    assert len(hash_calls) - before == 3
+
+
+def test_verify_once_with_an_unwritable_cache_still_opens(built, tmp_path, hash_calls, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the cache directory should be
+    with caplog.at_level("WARNING", logger="dcgh_dist.index.search"):
+        for _ in range(2):
+            ShardedIndex.open(built["flat"], cache_dir=str(blocker), verify="once").close()
+    assert len(hash_calls) == 6 and "cannot record the verification" in caplog.text
+
+
+def test_remote_shards_are_cached_mapped_and_verified_once(code_dir, built, tmp_path, monkeypatch,
+                                                           hash_calls):
+    """Shards on a filesystem that is not local (as S3 is) go through the download cache: hashed
+    on the way, memory-mapped from the cache, and with "once" not hashed again; a cached copy
+    corrupted since is hashed, dropped and fetched again."""
+    _, ids, codes = code_dir
+    sub = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # local files, not LocalFileSystem
+    monkeypatch.setattr(search_mod, "resolve_filesystem", lambda uri, endpoint=None: (sub, uri.lstrip("/")))
+    cache = tmp_path / "cache"
+    q = queries()
+    with ShardedIndex.open(built["flat"], cache_dir=str(cache), verify="once") as index:
+        assert index.mmapped == [True] * 3
+        assert_knn_tie_aware(*index.search(q, 10), q, codes, ids, 10)
+    assert len(hash_calls) == 3  # the downloads
+    copies = sorted(cache.glob("*.faissindex"))
+    assert len(copies) == 3 and (cache / "verified").is_dir()
+    ShardedIndex.open(built["flat"], cache_dir=str(cache), verify="once").close()
+    assert len(hash_calls) == 3
+    ShardedIndex.open(built["flat"], cache_dir=str(cache), verify="always").close()
+    assert len(hash_calls) == 6  # the cached copies
+
+    data = bytearray(copies[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copies[0].write_bytes(bytes(data))
+    with ShardedIndex.open(built["flat"], cache_dir=str(cache), verify="once") as index:
+        assert_knn_tie_aware(*index.search(q, 10), q, codes, ids, 10)
+    assert len(hash_calls) == 8  # the bad copy, then its new download
+    assert sorted(cache.glob("*.faissindex")) == copies and not list(cache.glob("*.part-*"))
+
+
+def test_bad_options_are_refused(built):
+    with pytest.raises(ValueError, match=r"verify must be one of \['always', 'once', 'never'\], got True"):
+        ShardedIndex.open(built["flat"], verify=True)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        ShardedIndex.open(built["flat"], threads=0)
+    with pytest.raises(ValueError, match="nprobe applies to ivf indexes, this one is flat"):
+        ShardedIndex.open(built["flat"], nprobe=4)
+    with pytest.raises(ValueError, match="nprobe must be an integer from 1 to nlist = 16, got 17"):
+        ShardedIndex.open(built["ivf"], nprobe=17)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory mapping
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+@pytest.mark.parametrize("t", ["flat", "ivf", "multihash"])
+def test_shards_are_memory_mapped_until_closed(built, tmp_path, t):
+    d = _copy_index(built[t], tmp_path / "idx")  # paths no other test's index maps
+    shards = {os.path.abspath(p) for p in _shard_files(d)}
+    index = ShardedIndex.open(d)
+    assert index.mmapped == [True] * 3 and shards <= _mapped_files()
+    index.close()
+    assert not shards & _mapped_files()
+    plain = ShardedIndex.open(d, mmap=False)
+    assert plain.mmapped == [False] * 3 and not shards & _mapped_files()
+
+
+def test_a_shard_faiss_cannot_map_is_read_into_memory(code_dir, built, monkeypatch, caplog):
+    import faiss
+
+    _, ids, codes = code_dir
+    real = faiss.read_index_binary
+
+    def no_mmap(path, flags=0):
+        if flags & faiss.IO_FLAG_MMAP_IFC:
+            raise RuntimeError("Error in read_index_binary: mmap not supported here")
+        return real(path, flags)
+
+    monkeypatch.setattr(faiss, "read_index_binary", no_mmap)
+    with caplog.at_level("WARNING", logger="dcgh_dist.index.search"):
+        index = ShardedIndex.open(built["flat"])
+    assert index.mmapped == [False] * 3 and "cannot read it memory-mapped (Error in" in caplog.text
+    q = queries()
+    assert_knn_tie_aware(*index.search(q, 10), q, codes, ids, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# close()
+
+
+def test_closed_index_refuses_searches(built):
+    q = queries(8)
+    with ShardedIndex.open(built["ivf"], threads=3) as index:
+        index.search(q[:2], 5)  # the thread-pool path
+        pool_threads = list(index._pool._threads)  # the executor's worker threads
+    assert pool_threads and not any(t.is_alive() for t in pool_threads)
+    for call in (lambda: index.search(q, 5), lambda: index.search_stable(q, 5),
+                 lambda: index.range_search(q, 3), lambda: index.search(q, 5, nprobe=2)):
+        with pytest.raises(IndexClosedError, match="was closed; open it again"):
+            call()
+    index.close()  # twice is fine
+    assert len(index) == 2000 and index.manifest.build_id  # what it describes stays readable
+
+
+def test_close_during_searches(built):
+    """Searches running when close() comes finish with full answers or raise IndexClosedError:
+    never another error, never a partial answer."""
+    index = ShardedIndex.open(built["flat"], threads=3)
+    q = queries()
+    ref = {n: index.search(q[:n], 10)[0] for n in (2, 60)}
+    started, errors, bad = threading.Barrier(5, timeout=60), [], []
+
+    def run(n):
+        started.wait()
+        try:
+            while True:
+                if not np.array_equal(index.search(q[:n], 10)[0], ref[n]):
+                    bad.append(n)
+        except IndexClosedError:
+            pass
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (2, 2, 60, 60)]
+    for t in threads:
+        t.start()
+    started.wait()
+    index.close()
+    for t in threads:
+        t.join(60)
+    assert not errors and not bad and not any(t.is_alive() for t in threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrent searches, per-call nprobe
+
+
+def test_concurrent_searches_with_different_nprobe_equal_sequential_ones(built):
+    index = ShardedIndex.open(built["ivf"], threads=3)
+    assert index.nprobe == 4  # the manifest's
+    q = queries()
+    nprobes = (1, 2, 4, 16)
+
+    def answers(nprobe):
+        return [*index.search(q, 10, nprobe=nprobe),  # many queries: shards one after another
+                *index.search(q[:3], 10, nprobe=nprobe),  # few: shards side by side in the pool
+                *index.range_search(q, 12, nprobe=nprobe),
+                *index.search_stable(q, 10, nprobe=nprobe, margin=0)]
+
+    ref = {n: answers(n) for n in nprobes}
+    assert not np.array_equal(ref[1][0], ref[16][0])  # nprobe matters here
+    assert ref[1][4][-1] < ref[16][4][-1]  # range search finds more with more lists probed
+    assert all(np.array_equal(a, b) for a, b in zip(answers(None), ref[4]))
+
+    start, failures = threading.Barrier(8, timeout=60), []
+
+    def run(worker):
+        nprobe = nprobes[worker % len(nprobes)]
+        start.wait()
+        for _ in range(5):
+            got = answers(nprobe)
+            if not all(np.array_equal(a, b) for a, b in zip(got, ref[nprobe])):
+                failures.append(nprobe)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures and not any(t.is_alive() for t in threads)
+    # The default is still the manifest's: no call changed what the index holds.
+    assert all(np.array_equal(a, b) for a, b in zip(answers(None), ref[4]))
+
+
+def test_nprobe_per_call_is_validated_and_open_sets_the_default(built):
+    q = queries(6)
+    flat = ShardedIndex.open(built["flat"])
+    assert flat.nprobe is None
+    with pytest.raises(ValueError, match="nprobe applies to ivf indexes"):
+        flat.search(q, 3, nprobe=4)
+    with pytest.raises(ValueError, match="nprobe applies to ivf indexes"):
+        flat.range_search(q, 3, nprobe=4)
+    ivf = ShardedIndex.open(built["ivf"], nprobe=2)
+    assert ivf.nprobe == 2
+    for a, b in zip(ivf.search(q, 5), ivf.search(q, 5, nprobe=2)):
+        assert np.array_equal(a, b)
+    for bad in (0, 17, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="nprobe must be an integer from 1 to nlist = 16"):
+            ivf.search(q, 5, nprobe=bad)
+    with pytest.raises(ValueError, match="nprobe must be an integer"):
+        ivf.search_stable(q, 5, nprobe=0)

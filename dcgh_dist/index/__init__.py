@@ -9,7 +9,7 @@ See docs/INDEX.md.
 from dcgh_dist.index.codes import (
     BIT_ORDER,
     as_packed,
-    hamming_distances,
+    hamming_distances_packed,
     pack_codes,
     unpack_codes,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "ShardedIndex",
     "as_packed",
     "brute_force_search",
-    "hamming_distances",
+    "hamming_distances_packed",
     "pack_codes",
     "read_manifest",
     "unpack_codes",

@@ -110,7 +110,7 @@ def as_packed(codes: np.ndarray, bits: int) -> np.ndarray:
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def hamming_distances(query_packed: np.ndarray, db_packed: np.ndarray) -> np.ndarray:
+def hamming_distances_packed(query_packed: np.ndarray, db_packed: np.ndarray) -> np.ndarray:
     """Brute-force (Q, N) Hamming distances (int32) between packed codes: the reference that
     every index is tested against. Materialises Q x N x K/8 bytes; chunk for large inputs."""
     q = np.asarray(query_packed, dtype=np.uint8)

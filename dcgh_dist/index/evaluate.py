@@ -163,31 +163,8 @@ def index_retrieval_metrics(
 
 
 def _index_positions(index, labels: LabelTable, db_splits) -> np.ndarray:
-    """Label-table positions of every id in the index, from the manifest's id ranges (offset
-    shards) or by reading the ids back (id-map shards)."""
-    ids = []
-    for shard, ix in zip(index.manifest.shards, index._indexes):
-        if shard.id_layout == "offset":
-            ids.append(np.arange(shard.id_offset, shard.id_offset + shard.rows, dtype=np.int64))
-        else:
-            ids.append(_stored_ids(ix))
-    return labels.rows(np.concatenate(ids), "index id")
-
-
-def _stored_ids(ix) -> np.ndarray:
-    import faiss
-
-    if isinstance(ix, faiss.IndexBinaryIDMap):
-        return faiss.vector_to_array(ix.id_map).astype(np.int64)
-    if isinstance(ix, faiss.IndexBinaryIVF):
-        invlists = ix.invlists
-        out = []
-        for lst in range(ix.nlist):
-            n = invlists.list_size(lst)
-            if n:
-                out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
-        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
-    raise TypeError(f"cannot list the ids of a {type(ix).__name__}")
+    """Label-table positions of every id in the index."""
+    return labels.rows(np.concatenate([index.ids(i) for i in range(len(index.manifest.shards))]), "index id")
 
 
 def _ideal_dcg(q_lab: np.ndarray, patterns: np.ndarray, counts: np.ndarray, disc: np.ndarray) -> np.ndarray:

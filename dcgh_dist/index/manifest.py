@@ -47,7 +47,7 @@ import pyarrow.fs as pafs
 
 from dcgh_dist.config import IndexConfig, config_section
 from dcgh_dist.index.codes import BIT_ORDER
-from dcgh_dist.storage import join, read_text, resolve_filesystem, sha256_stream, write_text_atomic
+from dcgh_dist.storage import join, read_text, resolve_filesystem, write_text_atomic
 
 MANIFEST_FORMAT = "dcgh-dist-index-v1"
 MANIFEST_NAME = "manifest.json"

@@ -1,28 +1,35 @@
 """Search across the shards of a built index: ``ShardedIndex.open(manifest_uri).search(q, k)``.
 
-Shards are loaded memory-mapped where FAISS allows it (``IO_FLAG_MMAP_IFC``: flat codes are not
-copied into RAM; the page cache holds them), after their checksum, bit width, row count and model
-fingerprint were checked against the manifest. S3 shards are downloaded to a local cache first
-(FAISS reads local files only), hashed on the way.
+Opening checks every shard against the manifest (size, sha256 unless told otherwise, bit width,
+row count, model fingerprint) and loads the shards in parallel threads, memory-mapped where FAISS
+allows it. S3 shards are downloaded to a local cache first (FAISS reads local files only), hashed
+on the way.
 
 Queries go in batches; each batch is searched in every shard and the per-shard top-k lists are
 merged (``faiss.merge_knn_results``). Many queries per batch: shards run one after the other and
 FAISS parallelises over queries inside each (that keeps every core busy at no merge cost); few
-queries: shards run in parallel threads, one FAISS thread each.
+queries: shards run in parallel on the index's thread pool, one FAISS thread each.
+
+An open index is meant to be held by a long-running server: searches never change it (``nprobe``
+is a per-call argument), so any number of threads may search it at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import dataclasses
+import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from dcgh_dist.data.format import resolve_filesystem
 from dcgh_dist.index.codes import as_packed
 from dcgh_dist.index.manifest import (
     IndexManifest,
@@ -31,13 +38,19 @@ from dcgh_dist.index.manifest import (
     manifest_location,
     read_manifest,
     resolve_shard_uri,
-    sha256_stream,
 )
+from dcgh_dist.storage import resolve_filesystem, sha256_stream
 
 logger = logging.getLogger(__name__)
 
 # FAISS fills missing results (a shard with fewer than k items) with this distance and id -1.
 _MISSING_DIST = np.iinfo(np.int32).max
+
+VERIFY_MODES = ("always", "once", "never")
+
+
+class IndexClosedError(ValueError):
+    """A search on a :class:`ShardedIndex` after its :meth:`~ShardedIndex.close`."""
 
 
 def _default_cache_dir() -> str:
@@ -46,26 +59,45 @@ def _default_cache_dir() -> str:
     )
 
 
+class _Shard(NamedTuple):
+    index: object  # a faiss.IndexBinary
+    mmapped: bool
+    identity: dict | None  # the verified file, as "once" records it (None: not recorded)
+
+
 class ShardedIndex:
-    """A sharded FAISS binary index described by a manifest.
+    """A sharded FAISS binary index described by a manifest. Open it with :meth:`open`.
 
     Results are Hamming distances (int32) and the user's int64 ids, ``-1`` where fewer than k
     items exist. With a ``flat`` index the k-NN lists equal a brute-force scan up to the order of
     equal distances (which FAISS does not fix; use :meth:`search_stable` for a deterministic
     order).
+
+    Thread-safe: :meth:`search`, :meth:`search_stable` and :meth:`range_search` may run in many
+    threads at once, each with its own ``nprobe``. :meth:`close` (or leaving a ``with`` block)
+    releases the shards and the thread pool; searches running then finish, later ones raise
+    :class:`IndexClosedError`.
+
+    Attributes: ``manifest``, ``uri`` (the manifest's), ``nprobe`` (the default for IVF
+    searches, None for other types), ``threads`` (shard-parallel threads), ``mmapped`` (per
+    shard: read memory-mapped, or into memory).
     """
 
-    def __init__(self, manifest: IndexManifest, indexes: list, uri: str = ""):
+    def __init__(self, manifest: IndexManifest, shards: list[_Shard], pool: ThreadPoolExecutor,
+                 *, uri: str, nprobe: int | None, threads: int):
         self.manifest = manifest
         self.uri = uri
-        self._indexes = indexes
+        self.nprobe = nprobe
+        self.threads = threads
+        self.mmapped = [s.mmapped for s in shards]
+        self._indexes: list | None = [s.index for s in shards]  # None once closed
+        self._pool = pool
         self._offsets = [s.id_offset if s.id_layout == "offset" else None for s in manifest.shards]
-        import faiss
-
-        self.threads = faiss.omp_get_max_threads()
+        # IVF range search takes nprobe only through the shard's attribute (see _range_one).
+        self._nprobe_locks = [threading.Lock() for _ in shards]
 
     # ---------------------------------------------------------------------------------------
-    # Opening
+    # Opening and closing
 
     @classmethod
     def open(
@@ -76,27 +108,80 @@ class ShardedIndex:
         expected_fingerprint: str | None = None,
         checkpoint: str | None = None,
         expected_bits: int | None = None,
-        verify: bool = True,
+        verify: Literal["always", "once", "never"] = "always",
         mmap: bool = True,
         nprobe: int | None = None,
+        threads: int | None = None,
         cache_dir: str | None = None,
-    ) -> "ShardedIndex":
-        """Load every shard of the manifest at ``manifest_uri`` (its file or its directory).
+        shards: Sequence[int] | None = None,
+    ) -> ShardedIndex:
+        """Load every shard of the manifest at ``manifest_uri`` (its file or its directory), or
+        the manifest's shards numbered ``shards``: an index larger than one machine is served by
+        several processes each holding a part (the Serve app's shard groups), whose top-k lists
+        merge into the whole index's (``search_stable``: exactly).
 
-        Refuses (``ManifestError``, naming the shard) a shard whose sha256 (``verify=True``; with
-        ``False`` only the size is checked), bit width or row count differs from the manifest, and
-        an index whose model fingerprint differs from ``expected_fingerprint`` or from that of
-        ``checkpoint`` (a checkpoint directory), or whose bit width differs from
-        ``expected_bits``.
+        Refuses (``ManifestError``, naming the shard) a shard whose size, sha256 (see ``verify``),
+        bit width or row count differs from the manifest, and an index whose model fingerprint
+        differs from ``expected_fingerprint`` or from that of ``checkpoint`` (a checkpoint
+        directory), or whose bit width differs from ``expected_bits``.
+
+        ``verify``, the sha256 pass (sizes, bit widths and row counts are always checked):
+
+        * ``"always"``: hash every shard at every open (an S3 shard: its cached copy, or the
+          download on the way).
+        * ``"once"``: hash a shard unless ``cache_dir`` holds a record that this very file was
+          hashed for this manifest and matched; once every shard checked out, write that record
+          (``<cache_dir>/verified/<build_id>.<key>.json``, ``key`` a sha256 of the manifest's
+          location and content). A replica restarted on the same node, or a second deployment of
+          the same build, skips the hashing; another build, a changed manifest or a copy of the
+          index elsewhere has no record and is hashed, and so is a shard file that was rewritten,
+          replaced or touched since (its record no longer matches).
+        * ``"never"``: sizes only, for indexes you built and trust.
+
+        What skipping (``"once"``) assumes: a file whose absolute path, size, inode, mtime and
+        ctime are those recorded still holds the bytes that were hashed. Every write through the
+        filesystem changes mtime and ctime, and ctime cannot be set back, so this holds unless the
+        bytes change beneath the filesystem (silent media corruption, writes to the raw device).
+        It also assumes that whoever can write to ``cache_dir`` is trusted as far as whoever can
+        write the shards: a forged record skips the check.
+
+        ``mmap``: local shards and S3 cache copies are read with ``IO_FLAG_MMAP_IFC``, which in
+        FAISS 1.15 maps every type this project builds: the codes of flat shards (an id-map
+        shard's ids are read into memory), the codes and ids of IVF inverted lists (kept as
+        ``ArrayInvertedLists`` whose buffers are views of the mapping), the codes of multihash
+        shards (their hash tables are built in memory at load). ``IO_FLAG_MMAP`` is not used: it
+        does not map flat indexes at all (they are read into memory), and for IVF it gives
+        ``OnDiskInvertedLists`` (lists on disk, with prefetching of their own), whose searches
+        took 3-4x as long in a check here (1M codes, 8 queries, nprobe 8, FAISS 1.15.1). A shard
+        FAISS cannot read mapped is read into memory, with a warning; ``mmapped`` says which. A
+        mapped shard file must not be truncated or rewritten in place while it is open; the
+        builder never does that (new builds go to new directories, old ones are unlinked, which
+        leaves open mappings intact).
+
+        ``nprobe``: the default for IVF searches (the manifest's if None). ``threads``: threads
+        for opening shards in parallel and for searching them in parallel (default: FAISS's
+        OpenMP thread count). ``cache_dir``: S3 shard copies and ``"once"`` records (default
+        ``$DCGH_INDEX_CACHE`` or ``~/.cache/dcgh_dist/index``).
         """
         import faiss
 
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
+        threads = faiss.omp_get_max_threads() if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         uri = manifest_location(manifest_uri)
         manifest = read_manifest(uri, s3_endpoint)
+        if shards is not None:
+            picked = sorted(set(shards))
+            if not picked or picked[0] < 0 or picked[-1] >= len(manifest.shards):
+                raise ValueError(f"{uri}: shards must be a non-empty subset of 0..{len(manifest.shards) - 1}, "
+                                 f"got {list(shards)}")
+            manifest = dataclasses.replace(manifest, shards=[manifest.shards[i] for i in picked])
         if checkpoint is not None:
-            from dcgh_dist.train.checkpoint import read_meta
+            from dcgh_dist.models.checkpoint import verified_meta
 
-            meta = read_meta(checkpoint)
+            meta = verified_meta(checkpoint, s3_endpoint)  # weights that match the fingerprint
             expected_fingerprint = expected_fingerprint or meta.fingerprint
             expected_bits = expected_bits or meta.config.model.bits
         if expected_bits is not None and manifest.bits != expected_bits:
@@ -109,17 +194,81 @@ class ShardedIndex:
                 f"of the expected model {expected_fingerprint}; re-encode and rebuild, or open "
                 "it without a checkpoint"
             )
+        if nprobe is not None:
+            nprobe = _check_nprobe(nprobe, manifest, uri)
+        elif manifest.index.index_type == "ivf":
+            nprobe = manifest.index.nprobe
+        cache_dir = cache_dir or _default_cache_dir()
+        record = _record_path(cache_dir, uri, manifest) if verify == "once" else None
+        known = _read_record(record, len(manifest.shards)) if record else [None] * len(manifest.shards)
+
         t0 = time.time()
-        indexes = [
-            _load_shard(uri, i, s, manifest, s3_endpoint, verify, mmap, cache_dir or _default_cache_dir())
-            for i, s in enumerate(manifest.shards)
-        ]
-        if manifest.index.index_type == "ivf":
-            for ix in indexes:
-                ix.nprobe = nprobe or manifest.index.nprobe
-        logger.info("opened %s: %d shards, %d codes in %.1fs", uri, len(indexes), manifest.num_items,
-                    time.time() - t0)
-        return cls(manifest, indexes, uri)
+        # Pool threads run one FAISS thread each: they open, and search, one shard per task.
+        pool = ThreadPoolExecutor(max(1, min(len(manifest.shards), threads)),
+                                  thread_name_prefix="dcgh-index",
+                                  initializer=faiss.omp_set_num_threads, initargs=(1,))
+        try:
+            # FAISS reads and hashing release the GIL, and S3 downloads wait on the network:
+            # threads overlap them. map() keeps the manifest's order and raises the first failing
+            # shard's error, as one-by-one opening would.
+            shards = list(pool.map(
+                lambda i: _load_shard(uri, i, manifest.shards[i], manifest, s3_endpoint, verify,
+                                      known[i], mmap, cache_dir),
+                range(len(manifest.shards))))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        if record:
+            identities = [s.identity for s in shards]
+            if identities != known:
+                _write_record(record, uri, manifest, identities)
+        logger.info("opened %s: %d shards (%d memory-mapped), %d codes in %.1fs", uri, len(shards),
+                    sum(s.mmapped for s in shards), manifest.num_items, time.time() - t0)
+        return cls(manifest, shards, pool, uri=uri, nprobe=nprobe, threads=threads)
+
+    def close(self) -> None:
+        """Release the shards (their memory and mappings go once no running search holds them)
+        and the thread pool. Later searches raise :class:`IndexClosedError`; closing twice is
+        fine."""
+        self._indexes = None
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ids(self, shard: int) -> np.ndarray:
+        """The ids shard number ``shard`` holds: the manifest's range for an offset shard, else
+        read from the index (an id map's table, or an IVF index's inverted lists)."""
+        import faiss
+
+        entry = self.manifest.shards[shard]
+        if entry.id_layout == "offset":
+            return np.arange(entry.id_offset, entry.id_offset + entry.rows, dtype=np.int64)
+        ix = self._shards()[shard]
+        if isinstance(ix, faiss.IndexBinaryIDMap):
+            return faiss.vector_to_array(ix.id_map).astype(np.int64)
+        if isinstance(ix, faiss.IndexBinaryIVF):
+            lists = ix.invlists
+            out = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                   for i in range(ix.nlist) if lists.list_size(i)]
+            return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+        raise TypeError(f"cannot list the ids of a {type(ix).__name__}")
+
+    def _shards(self) -> list:
+        indexes = self._indexes  # one read: a close() meanwhile leaves this list alive
+        if indexes is None:
+            raise IndexClosedError(f"{self.uri}: this ShardedIndex was closed; open it again")
+        return indexes
+
+    def _in_pool(self, fn: Callable[[int], tuple], n: int) -> list:
+        try:
+            futures = [self._pool.submit(fn, i) for i in range(n)]
+        except RuntimeError as e:  # the pool was shut down by a close() since this search began
+            raise IndexClosedError(f"{self.uri}: this ShardedIndex was closed during the search") from e
+        return [f.result() for f in futures]
 
     # ---------------------------------------------------------------------------------------
     # Properties
@@ -144,53 +293,51 @@ class ShardedIndex:
     def __len__(self) -> int:
         return self.ntotal
 
-    def set_nprobe(self, nprobe: int) -> None:
-        import faiss
-
-        if self.index_type != "ivf":
-            raise ValueError(f"nprobe applies to ivf indexes, this one is {self.index_type}")
-        for ix in self._indexes:
-            ix.nprobe = nprobe
+    def _nprobe(self, nprobe: int | None) -> int | None:
+        return self.nprobe if nprobe is None else _check_nprobe(nprobe, self.manifest, self.uri)
 
     # ---------------------------------------------------------------------------------------
     # k-NN
 
     def search(
-        self, query_codes: np.ndarray, k: int, *, batch_size: int = 4096
+        self, query_codes: np.ndarray, k: int, *, nprobe: int | None = None, batch_size: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top k over all shards: ``(distances int32 (nq, k), ids int64 (nq, k))``.
 
         ``query_codes``: packed uint8 (nq, bits/8), or (nq, bits) ±1 / relaxed / {0,1} codes.
+        ``nprobe``: IVF lists probed by this call (default: :attr:`nprobe`); IVF indexes only.
         """
+        self._shards()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
         nq = len(q)
         D = np.empty((nq, k), dtype=np.int32)
         I = np.empty((nq, k), dtype=np.int64)
         for start in range(0, nq, batch_size):
             stop = min(nq, start + batch_size)
-            D[start:stop], I[start:stop] = self._search_batch(q[start:stop], k)
+            D[start:stop], I[start:stop] = self._search_batch(q[start:stop], k, nprobe)
         return D, I
 
-    def _search_batch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_batch(self, q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        n_shards = len(self._indexes)
+        indexes = self._shards()
+        n_shards = len(indexes)
+        # Per-call parameters, read-only inside FAISS: nothing shared is changed by a search.
+        params = None if nprobe is None else faiss.SearchParametersIVF(nprobe=nprobe)
 
-        def one(i: int, single_thread: bool):
-            if single_thread:
-                faiss.omp_set_num_threads(1)
-            d, ix = self._indexes[i].search(q, k)
+        def one(i: int):
+            d, ix = indexes[i].search(q, k, params=params)
             return d, self._to_ids(i, ix)
 
         if n_shards > 1 and self.threads > 1 and len(q) < 4 * self.threads:
             # Few queries: FAISS parallelises poorly inside a shard (IVF: not at all), so the
             # shards are searched in parallel, one FAISS thread each.
-            with ThreadPoolExecutor(min(n_shards, self.threads)) as pool:
-                results = list(pool.map(lambda i: one(i, True), range(n_shards)))
+            results = self._in_pool(one, n_shards)
         else:
-            results = [one(i, False) for i in range(n_shards)]
+            results = [one(i) for i in range(n_shards)]
         if n_shards == 1:
             return results[0]
         Dall = np.stack([r[0] for r in results])
@@ -205,7 +352,8 @@ class ShardedIndex:
         return np.where(positions >= 0, positions + off, -1)
 
     def search_stable(
-        self, query_codes: np.ndarray, k: int, *, batch_size: int = 4096, margin: int | None = None
+        self, query_codes: np.ndarray, k: int, *, nprobe: int | None = None, batch_size: int = 4096,
+        margin: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top k ranked by (distance, id): deterministic whatever the sharding.
 
@@ -213,13 +361,16 @@ class ShardedIndex:
         distance must be seen: the first fetch asks for ``k + margin``; queries whose fetched
         list ends at the k-th distance (more ties than fetched) get a range search at that
         distance. This is the ranking of :mod:`dcgh_dist.metrics` when the database is in id
-        order. Exact for flat indexes; on approximate ones, the order of what they find.
+        order. Exact for flat indexes; on approximate ones, the order of what they find (IVF:
+        both the fetch and the range search probe ``nprobe`` lists).
         """
+        self._shards()
+        nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
         k_eff = min(k, self.ntotal)
         margin = max(16, k_eff // 4) if margin is None else margin
         k_fetch = min(self.ntotal, k_eff + margin)
-        D, I = self.search(q, k_fetch, batch_size=batch_size)
+        D, I = self.search(q, k_fetch, nprobe=nprobe, batch_size=batch_size)
         D, I = _sort_rows(D, I)
         out_D = np.full((len(q), k), _MISSING_DIST, dtype=np.int32)
         out_I = np.full((len(q), k), -1, dtype=np.int64)
@@ -233,7 +384,8 @@ class ShardedIndex:
             # One range search per distinct k-th distance, over the queries that share it.
             for radius in np.unique(dk[redo]):
                 rows = redo[dk[redo] == radius]
-                lims, rd, ri = self.range_search(q[rows], int(radius), batch_size=batch_size)
+                lims, rd, ri = self.range_search(q[rows], int(radius), nprobe=nprobe,
+                                                 batch_size=batch_size)
                 for j, r in enumerate(rows):
                     lo = lims[j]
                     out_D[r, :k_eff] = rd[lo:lo + k_eff]
@@ -244,15 +396,19 @@ class ShardedIndex:
     # Radius search
 
     def range_search(
-        self, query_codes: np.ndarray, radius: int, *, batch_size: int = 1024
+        self, query_codes: np.ndarray, radius: int, *, nprobe: int | None = None,
+        batch_size: int = 1024,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every item within Hamming distance ``radius`` (inclusive) of each query.
 
         Returns ``(lims, distances, ids)`` in FAISS's layout: query i's results are
         ``[lims[i]:lims[i+1]]``, sorted by (distance, id). Exact for flat, exact for multihash up
         to its pigeonhole radius (larger radii are refused: the result would silently miss
-        items), approximate for ivf.
+        items), approximate for ivf (``nprobe`` lists probed, default :attr:`nprobe`; FAISS takes
+        no search parameters here, so concurrent IVF range searches take turns on each shard).
         """
+        indexes = self._shards()
+        nprobe = self._nprobe(nprobe)
         exact_r = self.manifest.index.exact_radius(self.bits)
         if self.index_type == "multihash" and radius > exact_r:
             raise ValueError(
@@ -265,9 +421,9 @@ class ShardedIndex:
             qb = q[start:start + batch_size]
             nqb = len(qb)
             qidx, dists, ids = [], [], []
-            for s, ix in enumerate(self._indexes):
+            for s, ix in enumerate(indexes):
                 # FAISS's binary range search keeps distance < radius: ask for radius + 1.
-                lims, d, i = ix.range_search(qb, radius + 1)
+                lims, d, i = self._range_one(s, ix, qb, radius + 1, nprobe)
                 counts = np.diff(lims.astype(np.int64))
                 qidx.append(np.repeat(np.arange(nqb), counts))
                 dists.append(d.astype(np.int32))
@@ -280,6 +436,25 @@ class ShardedIndex:
         return (np.concatenate(lims_all), np.concatenate(D_all) if D_all else np.zeros(0, np.int32),
                 np.concatenate(I_all) if I_all else np.zeros(0, np.int64))
 
+    def _range_one(self, s: int, ix, q: np.ndarray, radius: int, nprobe: int | None):
+        if nprobe is None:
+            return ix.range_search(q, radius)
+        # IndexBinaryIVF.range_search refuses search parameters (FAISS 1.15: "search params not
+        # supported for this index"), so nprobe goes in through the shard's attribute, set and
+        # used under the shard's lock. k-NN searches pass parameters and never read it.
+        with self._nprobe_locks[s]:
+            ix.nprobe = nprobe
+            return ix.range_search(q, radius)
+
+
+def _check_nprobe(nprobe: int, manifest: IndexManifest, where: str) -> int:
+    if manifest.index.index_type != "ivf":
+        raise ValueError(f"{where}: nprobe applies to ivf indexes, this one is {manifest.index.index_type}")
+    nlist = manifest.index.nlist
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= nlist:
+        raise ValueError(f"{where}: nprobe must be an integer from 1 to nlist = {nlist}, got {nprobe!r}")
+    return int(nprobe)
+
 
 def _sort_rows(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort each row by (distance, id), missing results (-1) last."""
@@ -288,12 +463,15 @@ def _sort_rows(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
+# ------------------------------------------------------------------------------------------
+# Loading one shard
+
+
 def _load_shard(
     manifest_uri: str, i: int, entry: ShardEntry, manifest: IndexManifest, s3_endpoint: str | None,
-    verify: bool, mmap: bool, cache_dir: str,
-):
-    import faiss
-
+    verify: str, known: dict | None, mmap: bool, cache_dir: str,
+) -> _Shard:
+    """Check and read shard ``i``. ``known``: its file's identity from a ``"once"`` record."""
     uri = resolve_shard_uri(manifest_uri, entry.uri)
     where = f"{manifest_uri}: shard {i} ({uri})"
     fs, path = resolve_filesystem(uri, s3_endpoint)
@@ -307,36 +485,54 @@ def _load_shard(
         )
     if isinstance(fs, pafs.LocalFileSystem):
         local = path
-        if verify:
+        identity = _identity(local, entry)  # before hashing: a change after it shows in it
+        if _needs_hash(verify, identity, known):
             digest, _ = sha256_stream(fs, path)
             _check_digest(where, digest, entry)
     else:
         os.makedirs(cache_dir, exist_ok=True)
         local = os.path.join(cache_dir, f"{entry.sha256}.faissindex")
-        if os.path.exists(local) and os.path.getsize(local) == entry.bytes:
-            if verify:
-                digest, _ = sha256_stream(pafs.LocalFileSystem(), local)
-                if digest != entry.sha256:
-                    os.remove(local)  # a bad cached copy: fetch again
+        if os.path.exists(local):
+            identity = _identity(local, entry)
+            if identity["size"] != entry.bytes or (
+                    _needs_hash(verify, identity, known)
+                    and sha256_stream(pafs.LocalFileSystem(), local)[0] != entry.sha256):
+                os.remove(local)  # a bad cached copy: fetch again
         if not os.path.exists(local):
-            tmp = f"{local}.part-{os.getpid()}"
+            # Named per thread too: two shards with the same content download side by side.
+            tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
             digest, _ = sha256_stream(fs, path, copy_to=tmp)
             if digest != entry.sha256:
                 os.remove(tmp)
             _check_digest(where, digest, entry)
             os.replace(tmp, local)
-    flags = 0
-    if mmap and manifest.index.index_type != "ivf":
-        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-    try:
-        index = faiss.read_index_binary(local, flags)
-    except RuntimeError as e:
-        raise ManifestError(f"{where}: FAISS cannot read it ({str(e).splitlines()[0]})") from e
+            identity = _identity(local, entry)
+    index, mmapped = _read_index(local, where, mmap)
     if index.d != manifest.bits:
         raise ManifestError(f"{where}: index has {index.d}-bit codes, manifest says {manifest.bits}")
     if index.ntotal != entry.rows:
         raise ManifestError(f"{where}: index holds {index.ntotal} codes, manifest says {entry.rows}")
-    return index
+    return _Shard(index, mmapped, identity if verify == "once" else None)
+
+
+def _read_index(local: str, where: str, mmap: bool):
+    """(index, whether it is memory-mapped); see :meth:`ShardedIndex.open` for what is mapped."""
+    import faiss
+
+    if mmap:
+        try:
+            return faiss.read_index_binary(local, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError as e:
+            logger.warning("%s: FAISS cannot read it memory-mapped (%s); reading it into memory",
+                           where, str(e).splitlines()[0])
+    try:
+        return faiss.read_index_binary(local), False
+    except RuntimeError as e:
+        raise ManifestError(f"{where}: FAISS cannot read it ({str(e).splitlines()[0]})") from e
+
+
+def _needs_hash(verify: str, identity: dict, known: dict | None) -> bool:
+    return verify == "always" or (verify == "once" and identity != known)
 
 
 def _check_digest(where: str, digest: str, entry: ShardEntry) -> None:
@@ -347,11 +543,62 @@ def _check_digest(where: str, digest: str, entry: ShardEntry) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------
+# "once": records of verified builds
+
+
+def _identity(local: str, entry: ShardEntry) -> dict:
+    """What a ``"once"`` record says of a shard file that matched ``entry.sha256``: any write
+    through the filesystem, a replacement or a touch changes it (see ShardedIndex.open)."""
+    st = os.stat(local)
+    return {"path": os.path.abspath(local), "sha256": entry.sha256, "size": st.st_size,
+            "inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _record_path(cache_dir: str, manifest_uri: str, manifest: IndexManifest) -> str:
+    """One record per manifest location and content: another build, an edited manifest or a
+    copy of the index elsewhere has its own."""
+    key = hashlib.sha256(f"{manifest_uri}\n{manifest.to_json()}".encode()).hexdigest()
+    return os.path.join(cache_dir, "verified", f"{manifest.build_id or 'no-build-id'}.{key}.json")
+
+
+def _read_record(path: str, n_shards: int) -> list[dict | None]:
+    """The recorded identity of each shard's file; None for each where there is no usable record
+    (then every shard is hashed)."""
+    try:
+        with open(path) as f:
+            shards = json.load(f)["shards"]
+    except FileNotFoundError:
+        return [None] * n_shards
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s: unreadable verification record (%s); verifying every shard", path, e)
+        return [None] * n_shards
+    if not isinstance(shards, list) or len(shards) != n_shards:
+        logger.warning("%s: verification record does not match the manifest; verifying every shard", path)
+        return [None] * n_shards
+    return shards
+
+
+def _write_record(path: str, manifest_uri: str, manifest: IndexManifest, identities: list[dict]) -> None:
+    """Written only after every shard checked out; atomically (temp + rename). A cache directory
+    that cannot be written costs the next open a full verification, nothing else."""
+    body = {"manifest": manifest_uri, "build_id": manifest.build_id,
+            "verified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": identities}
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(body, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("%s: cannot record the verification (%s); the next open verifies again", path, e)
+
+
 def brute_force_search(
     query_packed: np.ndarray, db_packed: np.ndarray, db_ids: Sequence[int], k: int, chunk: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference k-NN by a numpy Hamming scan, ranked by (distance, id). For tests and checks."""
-    from dcgh_dist.index.codes import hamming_distances
+    from dcgh_dist.index.codes import hamming_distances_packed
 
     db_ids = np.asarray(db_ids, dtype=np.int64)
     order_ids = np.argsort(db_ids, kind="stable")
@@ -359,7 +606,7 @@ def brute_force_search(
     k_eff = min(k, len(ids_sorted))
     outD, outI = [], []
     for s in range(0, len(query_packed), chunk):
-        d = hamming_distances(query_packed[s:s + chunk], db_sorted)
+        d = hamming_distances_packed(query_packed[s:s + chunk], db_sorted)
         o = np.argsort(d, axis=1, kind="stable")[:, :k_eff]
         outD.append(np.take_along_axis(d, o, axis=1))
         outI.append(ids_sorted[o])
