@@ -19,7 +19,15 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("DCGH_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+# Reference values from the DCGH authors' code. The shared folder sits next to the checkout
+# (../shared) or inside it (shared/); DCGH_GOLDEN_DIR overrides both.
+_GOLDEN_CANDIDATES = [REPO.parent / "shared" / "golden", REPO / "shared" / "golden"]
+GOLDEN = Path(
+    os.environ.get("DCGH_GOLDEN_DIR")
+    or next((p for p in _GOLDEN_CANDIDATES if p.is_dir()), _GOLDEN_CANDIDATES[0])
+)
+# The files the golden tests read: a directory without them is as missing as no directory.
+GOLDEN_FILES = ("map_cases.npz", "dcgh_loss_cases.npz")
 
 
 class ListenerWatch:
@@ -68,8 +76,15 @@ class ListenerWatch:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not GOLDEN.is_dir():
-        pytest.fail(f"golden reference values not found at {GOLDEN} (set DCGH_GOLDEN_DIR)")
+    """The golden-value directory. Missing reference data fails the test (an error, never a
+    skip): a test that cannot compare against its reference has not passed."""
+    missing = [name for name in GOLDEN_FILES if not (GOLDEN / name).is_file()]
+    if missing:
+        pytest.fail(
+            f"golden reference values not found: {', '.join(missing)} missing in {GOLDEN} "
+            "(set DCGH_GOLDEN_DIR to the folder holding them)",
+            pytrace=False,
+        )
     return GOLDEN
 
 

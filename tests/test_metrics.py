@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from plots import line_pixels, read_plot
 
 from dcgh_dist import metrics
 from dcgh_dist.metrics import (
     binarize,
-    hamming_distance,
+    hamming_distances_unpacked,
     mean_average_precision,
     ndcg_at_k,
     plot_pr_curves,
@@ -21,19 +23,6 @@ from dcgh_dist.metrics import (
     precision_at_k,
     retrieval_metrics,
 )
-
-# The shared golden folder sits next to the checkout (../shared) or inside it (shared/).
-_REPO = Path(__file__).resolve().parents[1]
-GOLDEN = next(
-    (
-        p
-        for p in (_REPO.parent / "shared" / "golden" / "map_cases.npz",
-                  _REPO / "shared" / "golden" / "map_cases.npz")
-        if p.exists()
-    ),
-    _REPO.parent / "shared" / "golden" / "map_cases.npz",
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Brute-force reference: explicit loops over queries and ranks, stable argsort per query.
@@ -132,10 +121,8 @@ def problem():
 # --------------------------------------------------------------------------------------------
 
 
-def _golden_case(i):
-    if not GOLDEN.exists():
-        pytest.skip(f"golden file {GOLDEN} not available")
-    data = np.load(GOLDEN)
+def _golden_case(golden_dir: Path, i: int):
+    data = np.load(golden_dir / "map_cases.npz")
     args = [data[f"case{i}_{n}"] for n in ("query_codes", "db_codes", "query_labels", "db_labels")]
     topk = int(data[f"case{i}_topk"])
     return args, (None if topk < 0 else topk), float(data[f"case{i}_map"])
@@ -151,8 +138,8 @@ def _relaxed(codes_pm, rng):
 
 @pytest.mark.parametrize("form", ["pm1", "zero_one", "relaxed"])
 @pytest.mark.parametrize("case", [0, 1, 2])
-def test_golden_map(case, form):
-    (q, d, ql, dl), topk, expected = _golden_case(case)
+def test_golden_map(golden_dir, case, form):
+    (q, d, ql, dl), topk, expected = _golden_case(golden_dir, case)
     if form == "zero_one":
         q, d = (q > 0).astype(np.uint8), (d > 0).astype(np.float64)
     elif form == "relaxed":
@@ -161,7 +148,39 @@ def test_golden_map(case, form):
     got = mean_average_precision(q, d, ql, dl, topk=topk)
     assert isinstance(got, float)
     assert got == pytest.approx(expected, abs=1e-6)
-    assert retrieval_metrics(q, d, ql, dl, map_topk=topk)["map"] == got
+    key = "map" if topk is None else f"map@{topk}"  # retrieval_metrics names mAP@k map@k
+    assert retrieval_metrics(q, d, ql, dl, map_topk=topk)[key] == got
+
+
+# One golden test of each kind; each must report an error when its reference data is missing.
+_GOLDEN_TESTS = (
+    "tests/test_metrics.py::test_golden_map[0-pm1]",
+    "tests/test_metrics.py::test_pr_curve_nan_precision_only_where_nothing_retrieved",
+    "tests/test_losses.py::test_single_label_batch_has_zero_negative_pair_term",
+)
+
+
+def test_missing_golden_data_is_an_error_not_a_skip(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    empty = tmp_path / "golden"
+    empty.mkdir()
+    report = tmp_path / "report.xml"
+    env = {**os.environ, "DCGH_GOLDEN_DIR": str(empty), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+         *_GOLDEN_TESTS],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # 1: tests failed (5 = none collected)
+    cases = ET.parse(report).getroot().iter("testcase")
+    outcomes = {c.get("name"): [child.tag for child in c] for c in cases}
+    assert len(outcomes) == len(_GOLDEN_TESTS), outcomes
+    for name, tags in outcomes.items():
+        assert "error" in tags and "skipped" not in tags, (name, tags)
+    assert "skipped" not in proc.stdout
+    assert f"missing in {empty}" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,9 +217,10 @@ def test_retrieval_metrics_matches_single_metric_functions():
     q, d = pm(qb), pm(db)
     for map_topk in (None, 20):
         res = retrieval_metrics(q, d, ql, dl, map_topk=map_topk, ndcg_k=50, precision_k=(1, 10, 500))
-        assert set(res) == {"map", "ndcg@50", "p@1", "p@10", "p@500"}
+        key = "map" if map_topk is None else f"map@{map_topk}"
+        assert set(res) == {key, "ndcg@50", "p@1", "p@10", "p@500"}
         assert all(isinstance(v, float) for v in res.values())
-        assert res["map"] == pytest.approx(mean_average_precision(q, d, ql, dl, map_topk), abs=1e-12)
+        assert res[key] == pytest.approx(mean_average_precision(q, d, ql, dl, map_topk), abs=1e-12)
         assert res["ndcg@50"] == pytest.approx(ndcg_at_k(q, d, ql, dl, 50), abs=1e-12)
         for k in (1, 10, 500):
             assert res[f"p@{k}"] == pytest.approx(precision_at_k(q, d, ql, dl, k), abs=1e-12)
@@ -263,14 +283,14 @@ def test_binarize_forms():
 def test_hamming_distance_matches_naive():
     rng = np.random.default_rng(3)
     qb, db = rng.random((7, 33)) < 0.5, rng.random((11, 33)) < 0.5
-    dist = hamming_distance(pm(qb), db.astype(np.uint8))  # mixed ±1 / {0,1} forms
+    dist = hamming_distances_unpacked(pm(qb), db.astype(np.uint8))  # mixed ±1 / {0,1} forms
     assert dist.dtype == np.int32 and dist.shape == (7, 11)
     naive = np.array([[np.count_nonzero(a != b) for b in db] for a in qb])
     np.testing.assert_array_equal(dist, naive)
     # 300 bits: more than uint8 can hold internally
     qb, db = rng.random((3, 300)) < 0.5, rng.random((5, 300)) < 0.5
     naive = np.array([[np.count_nonzero(a != b) for b in db] for a in qb])
-    np.testing.assert_array_equal(hamming_distance(qb, db), naive)
+    np.testing.assert_array_equal(hamming_distances_unpacked(qb, db), naive)
     ql = np.ones((3, 2))
     dl = np.ones((5, 2))
     assert mean_average_precision(qb, db, ql, dl) == pytest.approx(1.0)
@@ -381,7 +401,7 @@ def test_invalid_k_raises(problem):
     with pytest.raises(ValueError, match="chunk_size"):
         mean_average_precision(qb, db, ql, dl, chunk_size=0)
     with pytest.raises(ValueError, match="bit widths"):
-        hamming_distance(qb, db[:, :3])
+        hamming_distances_unpacked(qb, db[:, :3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,24 +427,85 @@ def test_pr_curve_matches_naive_and_is_well_formed(problem):
     assert np.all((recall >= 0) & (recall <= 1))
 
 
-def test_pr_curve_nan_precision_only_where_nothing_retrieved():
-    (q, d, ql, dl), _, _ = _golden_case(1)  # 64 bits: small radii retrieve nothing
+def test_pr_curve_nan_precision_only_where_nothing_retrieved(golden_dir):
+    (q, d, ql, dl), _, _ = _golden_case(golden_dir, 1)  # 64 bits: small radii retrieve nothing
     curve = pr_curve_hamming(q, d, ql, dl)
     undefined = np.isnan(curve["precision"])
     assert undefined[0] and not undefined[-1]
     assert np.all(curve["recall"][undefined] == 0)
 
 
-def test_plot_pr_curves_writes_png(problem, tmp_path):
+def _is_flat(line: np.ndarray) -> bool:
+    """Most pixels (all but the legend's sample) on one horizontal line."""
+    return np.mean(np.abs(line[:, 1] - np.median(line[:, 1])) < 0.02) > 0.8
+
+
+_RECALL = np.linspace(0.05, 0.95, 9)
+# Known shapes: two horizontal lines and a falling diagonal, which has one point undefined.
+_SHAPES = {
+    "high": {"recall": _RECALL, "precision": np.full(9, 0.9)},
+    "low": {"recall": _RECALL, "precision": np.full(9, 0.2)},
+    "diagonal": {"recall": _RECALL, "precision": np.where(np.arange(9) == 4, np.nan, 1 - _RECALL)},
+}
+
+
+def test_plot_pr_curves_draws_every_curve_where_it_belongs(tmp_path):
+    out = tmp_path / "sub" / "pr.png"  # parent directories are created
+    plot_pr_curves(_SHAPES, out, title="PR")
+    lines = line_pixels(read_plot(out))
+    assert len(lines) >= len(_SHAPES)
+    lines = lines[: len(_SHAPES)]
+    # Each curve is drawn across the axes (recall 0.05 -> 0.95), not just as a legend sample.
+    assert all(np.ptp(line[:, 0]) > 0.5 for line in lines), [np.ptp(line[:, 0]) for line in lines]
+    # Top to bottom: a horizontal line, the diagonal, a horizontal line. Precision falls as
+    # recall grows, so the diagonal goes down to the right (y grows with x in image rows).
+    top, middle, bottom = sorted(lines, key=lambda line: np.median(line[:, 1]))
+    assert _is_flat(top) and _is_flat(bottom) and not _is_flat(middle)
+    assert np.corrcoef(middle[:, 0], middle[:, 1])[0, 1] > 0.9
+    # Precision is the y axis, upwards: 0.9 is drawn above 0.2.
+    rows = {}
+    for name in ("high", "low"):
+        plot_pr_curves({name: _SHAPES[name]}, tmp_path / f"{name}.png")
+        rgb = read_plot(tmp_path / f"{name}.png")
+        (line,) = line_pixels(rgb)
+        assert _is_flat(line)
+        rows[name] = np.median(line[:, 1])
+    assert rows["low"] - rows["high"] > 0.3
+    assert abs(rows["high"] - np.median(top[:, 1])) < 0.02
+    assert abs(rows["low"] - np.median(bottom[:, 1])) < 0.02
+
+
+def test_plot_pr_curves_of_real_curves(problem, tmp_path):
     qb, db, ql, dl = problem
     curves = {
         "i2t": pr_curve_hamming(qb, db, ql, dl),
         "t2i": pr_curve_hamming(db[:30], qb, dl[:30], ql),
     }
-    out = tmp_path / "sub" / "pr.png"
-    plot_pr_curves(curves, out, title="PR")
-    assert out.exists() and out.stat().st_size > 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_pr_curves(curves, tmp_path / "pr.png", title="PR")
+    both = read_plot(tmp_path / "pr.png")
+    lines = line_pixels(both)
+    assert len(lines) >= 2 and all(np.ptp(line[:, 0]) > 0.3 for line in lines[:2])
+    # Another input gives another picture.
+    plot_pr_curves({"i2t": curves["i2t"]}, tmp_path / "one.png", title="PR")
+    one = read_plot(tmp_path / "one.png")
+    assert len(line_pixels(one)) == 1
+    assert np.abs(one.astype(int) - both).sum(axis=2).astype(bool).mean() > 0.005
+    # An empty mapping still writes a figure: axes, no lines.
+    plot_pr_curves({}, tmp_path / "empty.png")
+    assert line_pixels(read_plot(tmp_path / "empty.png")) == []
+
+
+def test_write_pr_plot_adds_the_baseline_curves(tmp_path):
+    from dcgh_dist.evaluation import write_pr_plot
+
+    trained = {"i2t": _SHAPES["high"]}
+    write_pr_plot(trained, None, str(tmp_path / "alone.png"), title="PR")
+    write_pr_plot(trained, {"i2t": _SHAPES["low"]}, str(tmp_path / "with.png"), title="PR")
+    assert len(line_pixels(read_plot(tmp_path / "alone.png"))) == 1
+    lines = line_pixels(read_plot(tmp_path / "with.png"))
+    assert len(lines) == 2
+    # Both drawn across the axes (not only as legend samples), as horizontal lines.
+    assert all(np.ptp(line[:, 0]) > 0.5 and _is_flat(line) for line in lines)
 
 
 def test_no_import_side_effects_and_no_pyplot(tmp_path):
@@ -439,4 +520,4 @@ def test_no_import_side_effects_and_no_pyplot(tmp_path):
     )
     repo = Path(metrics.__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo, timeout=60)
-    assert (tmp_path / "x.png").exists()
+    assert len(line_pixels(read_plot(tmp_path / "x.png"))) == 1

@@ -7,12 +7,14 @@ import html
 import os
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dcgh_dist.models import tokenizer as tokmod  # noqa: E402
 from dcgh_dist.models.tokenizer import (  # noqa: E402
     CLIP_VOCAB_SIZE,
     ClipTokenizer,
@@ -54,7 +56,8 @@ class _ReferenceClipTokenizer:
     """
 
     def __init__(self) -> None:
-        regex = pytest.importorskip("regex")
+        import regex  # a requirement of transformers: never missing, so never a skip
+
         vocab, merges = build_clip_vocab(default_bpe_path())
         self.encoder = vocab
         self.ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
@@ -194,15 +197,115 @@ def test_pickle_round_trip_ships_config_only(tok: ClipTokenizer) -> None:
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(clone))(TEXTS), tok(TEXTS))
 
 
-def test_cache_directory_is_reused(tmp_path) -> None:
+class _Counter:
+    """Wraps a function of the tokenizer module and records the arguments of every call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.calls: list[tuple] = []
+        self._real = getattr(tokmod, name)
+        monkeypatch.setattr(tokmod, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
+        return self._real(*args, **kwargs)
+
+
+def _cache_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+def test_cache_directory_is_reused(tmp_path, monkeypatch) -> None:
+    # Count what a cache miss costs: deriving the vocabulary from the merges file and writing the
+    # tokenizer files. A hit does neither and leaves the cached files untouched.
+    writes = _Counter(monkeypatch, "_write_tokenizer_dir")
+    derivations = _Counter(monkeypatch, "build_clip_vocab")
+    loads = _Counter(monkeypatch, "_load_hf_tokenizer")
+
     first = ClipTokenizer(context_length=8, cache_dir=str(tmp_path))
-    built = [p for p in tmp_path.iterdir() if p.name.startswith("dcgh_dist_clip_bpe_")]
-    assert len(built) == 1
-    assert {"vocab.json", "merges.txt"} <= {p.name for p in built[0].iterdir()}
+    assert len(writes.calls) == 1 and len(derivations.calls) == 1
+    (built,) = [p for p in tmp_path.iterdir() if p.name.startswith("dcgh_dist_clip_bpe_")]
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in built.iterdir()}
     # No staging directories are left behind.
-    assert [p.name for p in tmp_path.iterdir()] == [built[0].name]
+    assert _cache_entries(tmp_path) == [built.name]
+    stamps = _stamps(built)
+
+    loads.calls.clear()
     second = ClipTokenizer(context_length=8, cache_dir=str(tmp_path))
+    # The context length is applied after BPE, so it is not part of the cache key.
+    wider = ClipTokenizer(context_length=16, cache_dir=str(tmp_path))
+    assert len(writes.calls) == 1 and len(derivations.calls) == 1  # nothing rebuilt
+    assert [Path(c[0]) for c in loads.calls] == [built, built]  # both loaded from the cache entry
+    assert _cache_entries(tmp_path) == [built.name] and _stamps(built) == stamps
     np.testing.assert_array_equal(first(TEXTS), second(TEXTS))
+    np.testing.assert_array_equal(wider(TEXTS), _ReferenceClipTokenizer().tokenize(TEXTS, 16))
+
+
+def test_cache_is_keyed_on_the_bpe_file_and_cache_format(tmp_path, monkeypatch) -> None:
+    writes = _Counter(monkeypatch, "_write_tokenizer_dir")
+    root = tmp_path / "cache"
+    reference = ClipTokenizer(context_length=8, cache_dir=str(root))(TEXTS)
+    (original,) = _cache_entries(root)
+
+    # The same bytes under another path: the key is the file's content, so the entry is shared.
+    same = tmp_path / "same" / default_bpe_path().name
+    same.parent.mkdir()
+    same.write_bytes(default_bpe_path().read_bytes())
+    monkeypatch.setattr(tokmod, "default_bpe_path", lambda: same)
+    ClipTokenizer(context_length=8, cache_dir=str(root))
+    assert len(writes.calls) == 1 and _cache_entries(root) == [original]
+
+    # Another file of the same name (its ignored header line differs, so the vocabulary is the
+    # same and the tokenizer still works): a new entry, never the stale one.
+    with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
+        text = f.read()
+    other = tmp_path / "other" / same.name
+    other.parent.mkdir()
+    with gzip.open(other, "wt", encoding="utf-8") as f:
+        f.write(text.replace("#version: 0.2", "#version: 0.2 (edited)", 1))
+    monkeypatch.setattr(tokmod, "default_bpe_path", lambda: other)
+    edited_tok = ClipTokenizer(context_length=8, cache_dir=str(root))
+    np.testing.assert_array_equal(edited_tok(TEXTS), reference)
+    assert len(writes.calls) == 2
+    entries = _cache_entries(root)
+    assert len(entries) == 2 and original in entries
+
+    # Bumping the cache format invalidates every entry.
+    monkeypatch.setattr(tokmod, "default_bpe_path", default_bpe_path)
+    monkeypatch.setattr(tokmod, "_CACHE_FORMAT", tokmod._CACHE_FORMAT + "-bumped")
+    ClipTokenizer(context_length=8, cache_dir=str(root))
+    assert len(writes.calls) == 3 and len(_cache_entries(root)) == 3
+
+    # Back to the original file and format: its entry is hit again, nothing is written.
+    monkeypatch.undo()
+    writes = _Counter(monkeypatch, "_write_tokenizer_dir")
+    ClipTokenizer(context_length=8, cache_dir=str(root))
+    ClipTokenizer(context_length=8, cache_dir=str(root))
+    assert writes.calls == [] and len(_cache_entries(root)) == 3
+    # A different cache_dir is a cache of its own.
+    ClipTokenizer(context_length=8, cache_dir=str(tmp_path / "elsewhere"))
+    assert len(writes.calls) == 1 and len(_cache_entries(tmp_path / "elsewhere")) == 1
+
+
+def test_backend_is_built_once_per_process(tok: ClipTokenizer, monkeypatch) -> None:
+    # A pickled tokenizer rebuilds its backend on the first call in the receiving process, and
+    # only then: later calls reuse the same backend object.
+    loads = _Counter(monkeypatch, "_load_hf_tokenizer")
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone._tok is None and loads.calls == []
+    clone(TEXTS)
+    backend = clone._tok
+    assert backend is not None and len(loads.calls) == 1
+    for _ in range(3):
+        np.testing.assert_array_equal(clone(TEXTS), tok(TEXTS))
+    assert clone._tok is backend and len(loads.calls) == 1
+    # The creating process built its backend eagerly and keeps it.
+    backend = tok._tok
+    tok(TEXTS)
+    assert tok._tok is backend and len(loads.calls) == 1
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path) -> None:
