@@ -31,7 +31,8 @@ def decode_image(data: bytes, where: str = "") -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # force full decode: truncated files fail here, not later
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        # a bomb (a small file claiming a huge size) is a bad row like any other: skipped, counted
         raise DatasetError(f"{where}: column 'image' cannot be decoded ({e})") from e
     return img.convert("RGB")
 

@@ -1,0 +1,243 @@
+"""The Serve endpoint under a bounded closed-loop load, beside the same searches in-process, and
+with an index replica killed under load.
+
+    python benchmarks/bench_serve.py                       # demo index and 10M random 64-bit codes
+    python benchmarks/bench_serve.py --n 2M --seconds 10 --clients 1,4
+
+For each index: N client threads send text->image queries back to back for T seconds to
+127.0.0.1 (nothing else is ever a target); QPS and p50/p95/p99 latency, then the same queries
+through ``Encoder`` + ``ShardedIndex.search_stable`` in this process with N threads, and the ratio.
+The random index is flat, in two shards served by two ``IndexShards`` groups. The fault run kills
+one group's replica under load and counts failed requests until Serve has replaced it; every
+answered request is checked against the in-process result (no response may leave out a shard's
+items). Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+
+QUERIES = ["a red circle", "blue sky over water", "two trees and a house", "a yellow sun", "green grass"]
+
+
+def parse_n(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1], 1)
+    return int(float(text[:-1] if text[-1] in "KMB" else text) * mult)
+
+
+def closed_loop(fn, clients: int, seconds: float) -> dict:
+    """``fn(i)`` back to back from ``clients`` threads for ``seconds``: QPS and latency quantiles."""
+    lat: list[float] = []
+    errors = [0]
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def worker(w: int):
+        i = w
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            ok = fn(i)
+            dt = time.perf_counter() - t0
+            with lock:
+                (lat.append(dt) if ok else None)
+                errors[0] += 0 if ok else 1
+            i += clients
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000 if lat else np.array([np.nan])
+    return {"qps": len(lat) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "errors": errors[0], "n": len(lat)}
+
+
+def random_index(root: str, n: int, fingerprint: str, bits: int = 64) -> str:
+    import pyarrow.parquet as pq
+
+    from dcgh_dist.config import IndexConfig
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.index.codes import CODE_SHARD_OPTIONS, code_shard_meta, codes_table
+
+    codes_dir = os.path.join(root, "codes")
+    os.makedirs(codes_dir)
+    rng = np.random.default_rng(0)
+    meta = code_shard_meta(bits, fingerprint, "image")
+    per_file = 1_000_000
+    for f, s in enumerate(range(0, n, per_file)):
+        e = min(n, s + per_file)
+        codes = rng.integers(0, 256, (e - s, bits // 8), dtype=np.uint8)
+        pq.write_table(codes_table(np.arange(s, e, dtype=np.int64), codes, meta),
+                       os.path.join(codes_dir, f"part-{f:05d}.parquet"), **CODE_SHARD_OPTIONS)
+    out = os.path.join(root, "index")
+    build_index(codes_dir, out, IndexConfig(shard_size=-(-n // 2)), expected_fingerprint=fingerprint, use_ray=False)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", default="10M", help="random codes in the large index (default 10M)")
+    p.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--skip-fault", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import requests
+    from ray import serve
+
+    from dcgh_dist.config import Config, EncodeConfig, IndexConfig, ModelConfig
+    from dcgh_dist.data.demo import ensure_demo_dataset
+    from dcgh_dist.data.format import read_dataset_info
+    from dcgh_dist.encoding import run_encode
+    from dcgh_dist.index import ShardedIndex
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.models.checkpoint import read_meta, save_untrained
+    from dcgh_dist.models.encoder import Encoder
+    from dcgh_dist.ray_session import ray_session
+    from serve.app import AppArgs, build_app
+
+    work = tempfile.mkdtemp(prefix="bench-serve-")
+    clients = [int(c) for c in args.clients.split(",")]
+    rows, fault = [], None
+    try:
+        with ray_session(num_cpus=4):
+            demo = ensure_demo_dataset(2000, 0, os.path.join(work, "data"))
+            ckpt = save_untrained(os.path.join(work, "ckpt"), Config(model=ModelConfig(clip_preset="tiny", bits=64)),
+                                  read_dataset_info(demo))
+            fp = read_meta(ckpt).fingerprint
+            run_encode(ckpt, demo, os.path.join(work, "codes"), ("image",), EncodeConfig(splits=("train", "val", "db")))
+            demo_index = os.path.join(work, "demo-index")
+            build_index(os.path.join(work, "codes", "image"), demo_index, IndexConfig(), expected_fingerprint=fp,
+                        use_ray=False)
+            big = random_index(os.path.join(work, "random"), parse_n(args.n), fp)
+            enc = Encoder.from_checkpoint(ckpt, device="cpu")
+            qcodes = enc.encode_texts(QUERIES).codes
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            url = f"http://127.0.0.1:{port}/search"
+            for label, index_uri, dataset in (("demo (3,600 items, 1 shard)", demo_index, demo),
+                                              (f"random {args.n} x 64 bits (2 shards, 2 groups)", big, None)):
+                zero = {"num_cpus": 0}
+                serve.run(build_app(AppArgs(checkpoint=ckpt, indexes={"image": index_uri}, dataset=dataset,
+                                            encoder={"num_cpus": 0}, index=zero, metadata=zero, frontend=zero)),
+                          name="dcgh", route_prefix="/")
+                session = requests.Session()
+                index = ShardedIndex.open(index_uri)
+                expected = {q: index.search_stable(qcodes[i:i + 1], args.k)[1][0].tolist() for i, q in enumerate(QUERIES)}
+
+                def http(i: int) -> bool:
+                    r = session.post(url, json={"text": QUERIES[i % len(QUERIES)], "k": args.k}, timeout=60)
+                    return r.status_code == 200
+
+                def local(i: int) -> bool:
+                    c = enc.encode_texts([QUERIES[i % len(QUERIES)]]).codes
+                    index.search_stable(c, args.k)
+                    return True
+
+                for _ in range(3):
+                    http(0)  # warm-up: first batches, page cache
+                for c in clients:
+                    a = closed_loop(http, c, args.seconds)
+                    b = closed_loop(local, c, args.seconds)
+                    rows.append((label, c, a, b))
+                    print(f"  {label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process", flush=True)
+                if index_uri == big and not args.skip_fault:
+                    fault = kill_a_group_under_load(url, expected, args.k)
+                index.close()
+            serve.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row; "
+          "in-process = Encoder + ShardedIndex.search_stable in the client's process, same threads\n")
+    print("| index | clients | Serve QPS | p50 ms | p95 ms | p99 ms | in-process QPS | p50 ms | p99 ms | Serve/in-process p50 | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, c, a, b in rows:
+        print(f"| {label} | {c} | {a['qps']:.1f} | {a['p50']:.1f} | {a['p95']:.1f} | {a['p99']:.1f} | "
+              f"{b['qps']:.1f} | {b['p50']:.1f} | {b['p99']:.1f} | {a['p50'] / b['p50']:.2f}x | {a['errors']} |")
+    if fault:
+        print("\n| fault: one IndexShards replica killed under 4 clients | value |\n|---|---|")
+        for k, v in fault.items():
+            print(f"| {k} | {v} |")
+
+
+def kill_a_group_under_load(url: str, expected: dict, k: int) -> dict:
+    """Kill group 0's replica under load; count what failed, check every answer is whole."""
+    import ray
+    import requests
+
+    log: list[tuple[float, int, bool]] = []  # (time, status, answer complete and right)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client(w: int):
+        s = requests.Session()
+        i = w
+        while not stop.is_set():
+            q = QUERIES[i % len(QUERIES)]
+            try:
+                r = s.post(url, json={"text": q, "k": k}, timeout=60)
+                right = r.status_code != 200 or [x["id"] for x in r.json()["results"]] == expected[q]
+                entry = (time.time(), r.status_code, right)
+            except requests.RequestException:
+                entry = (time.time(), 0, True)
+            with lock:
+                log.append(entry)
+            i += 4
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "IndexShards-image-0" in a["name"])
+    killed_at = time.time()
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    deadline = killed_at + 120
+    while time.time() < deadline:  # recovered: 20 answers in a row after the kill, all 200
+        with lock:
+            after = [s for t, s, _ in log if t > killed_at]
+        if len(after) > 20 and all(s == 200 for s in after[-20:]):
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    after = [(t, s, ok) for t, s, ok in log if t > killed_at]
+    failed = [(t, s) for t, s, _ in after if s != 200]
+    last_fail = max((t for t, _ in failed), default=killed_at)
+    return {
+        "requests after the kill": len(after),
+        "failed (503 / other / connection)": f"{sum(s == 503 for _, s in failed)} / "
+                                              f"{sum(s not in (0, 503) for _, s in failed)} / {sum(s == 0 for _, s in failed)}",
+        "seconds until the last failure": round(last_fail - killed_at, 1),
+        "answers missing a shard's items": sum(not ok for _, _, ok in after),
+        "requests after recovery that failed": sum(1 for t, s, _ in after if t > last_fail and s != 200),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""The Ray Serve application: text, image or item in, top-k cross-modal results out.
+
+    serve run serve/config.yaml                                   # the demo's outputs
+    serve run serve.app:build_app checkpoint=runs/demo/checkpoint indexes='{"text": "indexes/demo-text"}'
+
+Deployments (docs/SERVE.md):
+
+* ``QueryEncoder``: the checkpoint's towers behind ``@serve.batch`` (concurrent queries are
+  encoded together), on a GPU when the deployment asks for one.
+* ``IndexShards-<modality>-<g>``, one deployment per shard group and modality: each replica holds
+  the shards ``i`` of one modality's index with ``i % groups == g``, so an index larger than one
+  machine spreads over replicas. Its manifest is its ``user_config``: ``serve deploy`` of a config
+  whose ``deployments:`` give a group a new ``user_config: {manifest: ...}`` opens the new build
+  beside the old one and swaps it in (queries in flight finish on the old one), with no restart.
+  (A change to ``args`` is a new version of the application: Serve replaces the replicas.)
+* ``ItemLookup``: captions and thumbnails by id, read from the dataset's Parquet (never loaded).
+* ``Frontend``: the FastAPI ingress (OpenAPI at ``/docs``, the search page at ``/``). It fans a
+  query out to every shard group and merges their top k by (distance, id); a query that cannot
+  reach every group fails with 503 naming the groups that did not answer.
+
+The server never fetches a URL and never opens a path that came from a client.
+"""
+
+# No `from __future__ import annotations`: FastAPI builds the request models from the route
+# annotations inside the Serve replica, where postponed (string) annotations do not resolve.
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+
+logger = logging.getLogger("dcgh_dist.serve")
+
+MODALITIES = ("image", "text")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# An index replaced by an upgrade is closed this long after the swap: queries that had already
+# picked it up finish on it first.
+RETIRE_AFTER_S = 30.0
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+class DeploymentOptions(BaseModel):
+    """Replica settings of one deployment (Ray Serve's own names)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.autoscaling_config is not None:
+            out["autoscaling_config"] = self.autoscaling_config
+        else:
+            out["num_replicas"] = self.num_replicas
+        if self.max_ongoing_requests is not None:
+            out["max_ongoing_requests"] = self.max_ongoing_requests
+        actor = {k: v for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)) if v is not None}
+        if actor:
+            out["ray_actor_options"] = actor
+        return out
+
+
+class EncoderOptions(DeploymentOptions):
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class AppArgs(BaseModel):
+    """``build_app``'s arguments: ``serve run serve.app:build_app key=value`` or a config's ``args``."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str  # directory or s3:// URI
+    indexes: dict[Literal["image", "text"], str] = Field(default_factory=dict)  # modality -> manifest URI
+    dataset: str | None = None  # anything --dataset of the jobs takes: captions and thumbnails by id
+    s3_endpoint: str | None = None
+    max_k: int = Field(1000, ge=1)
+    max_text_chars: int = Field(1000, ge=1)
+    max_image_bytes: int = Field(10 << 20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    shards_per_replica: int = Field(1, ge=1)
+    encoder: EncoderOptions = Field(default_factory=EncoderOptions)
+    index: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    metadata: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    frontend: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+# --------------------------------------------------------------------------------------------
+# Deployments
+
+
+@serve.deployment
+class QueryEncoder:
+    def __init__(self, checkpoint: str, s3_endpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
+        from dcgh_dist.models.encoder import Encoder
+
+        self.encoder = Encoder.from_checkpoint(checkpoint, s3_endpoint=s3_endpoint)
+        for method in (self.encode_text, self.encode_image):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def encode_text(self, texts: list[str]) -> list[tuple[bytes, str]]:
+        out = self.encoder.encode_texts(texts)
+        return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def encode_image(self, images: list[bytes]) -> list[tuple[bytes, str]]:
+        out = self.encoder.encode_images(images)
+        return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
+
+
+@serve.deployment
+class IndexShards:
+    """The shards ``i % groups == group`` of one modality's index; the manifest in user_config."""
+
+    def __init__(self, modality: str, group: int, groups: int, s3_endpoint: str | None, fingerprint: str,
+                 bits: int):
+        self.modality, self.group, self.groups, self.s3_endpoint = modality, group, groups, s3_endpoint
+        self.fingerprint, self.bits = fingerprint, bits
+        self.index = None
+        self._lock = threading.Lock()
+
+    def reconfigure(self, config: dict) -> None:
+        from dcgh_dist.index import ShardedIndex, read_manifest
+
+        uri = config["manifest"]
+        manifest = read_manifest(uri, self.s3_endpoint)
+        mine = [i for i in range(len(manifest.shards)) if i % self.groups == self.group]
+        if not mine:
+            raise ValueError(f"{uri}: {len(manifest.shards)} shards leave group {self.group} of {self.groups} "
+                             "empty; rebuild with at least as many shards, or redeploy the application")
+        # The encoder's model and bit width: a manifest of another model is refused, and the old
+        # index keeps serving. verify="once": a replica restart, or another group on this node,
+        # does not hash the same build's shards again.
+        new = ShardedIndex.open(uri, s3_endpoint=self.s3_endpoint, expected_fingerprint=self.fingerprint,
+                                expected_bits=self.bits, shards=mine, verify="once")
+        with self._lock:
+            old, self.index = self.index, new
+        if old is not None:
+            threading.Timer(RETIRE_AFTER_S, old.close).start()
+        logger.info("%s group %d/%d: build %s, %d of %d shards, %d items", self.modality, self.group,
+                    self.groups, manifest.build_id, len(mine), len(manifest.shards), new.ntotal)
+
+    def search(self, codes: bytes, k: int) -> dict:
+        index = self.index  # one reference for the whole query: an upgrade cannot switch it mid-way
+        q = np.frombuffer(codes, dtype=np.uint8).reshape(1, -1)
+        if index.ntotal == 0:
+            return {"distances": [], "ids": [], "build_id": index.manifest.build_id, "group": self.group}
+        D, I = index.search_stable(q, min(k, index.ntotal))
+        keep = I[0] >= 0
+        return {"distances": D[0][keep].tolist(), "ids": I[0][keep].tolist(),
+                "build_id": index.manifest.build_id, "group": self.group}
+
+    def info(self) -> dict:
+        m = self.index.manifest
+        return {"ntotal": self.index.ntotal, "build_id": m.build_id, "bits": m.bits,
+                "model_fingerprint": m.model_fingerprint}
+
+
+@serve.deployment
+class ItemLookup:
+    def __init__(self, dataset: str, s3_endpoint: str | None):
+        from serve.items import ItemStore
+
+        self.store = ItemStore(dataset, s3_endpoint)
+
+    def caption(self, item_id: int) -> str | None:
+        try:
+            return self.store.caption(item_id)
+        except KeyError:
+            return None
+
+    def raw(self, modality: str, item_id: int) -> str | bytes | None:
+        try:
+            return self.store.caption(item_id) if modality == "text" else self.store.image(item_id)
+        except KeyError:
+            return None
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        try:
+            return self.store.thumbnail(item_id)
+        except KeyError:
+            return None
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP API
+
+
+class SearchRequest(BaseModel):
+    """Exactly one of ``text``, ``image`` (base64 of encoded image bytes) or ``id`` (with
+    ``modality``: which item of that id)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str | None = None
+    image: str | None = None
+    id: int | None = None
+    modality: Literal["image", "text"] | None = None
+    k: int = 10
+    target: Literal["image", "text"] | None = None  # default: the other modality
+
+
+class SearchResult(BaseModel):
+    id: int
+    distance: int
+    caption: str | None = None
+    image_url: str | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    took_ms: float
+    model: str | None
+    bits: int
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+api = FastAPI(title="dcgh-dist search", description="Cross-modal Hamming search over DCGH codes.")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status)
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    first = e.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    return ApiError(422, field, f"{field or 'body'}: {first['msg']}")
+
+
+@serve.deployment
+@serve.ingress(api)
+class Frontend:
+    def __init__(self, encoder, groups: dict[str, list], items, settings: dict):
+        self.encoder, self.groups, self.items = encoder, groups, items
+        self.s = settings
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.s["max_k"]:
+            raise ApiError(422, "k", f"k must be an integer in 1..{self.s['max_k']}, got {k!r}")
+        return k
+
+    def _target(self, target: str | None, source: str) -> str:
+        target = target or ("image" if source == "text" else "text")
+        if target not in MODALITIES:
+            raise ApiError(422, "target", f"target must be 'image' or 'text', got {target!r}")
+        if target not in self.groups:
+            raise ApiError(400, "target", f"no {target} index is served")
+        return target
+
+    def _check_image(self, data: bytes, field: str) -> None:
+        if len(data) > self.s["max_image_bytes"]:
+            raise ApiError(413, field, f"{field}: {len(data)} bytes, more than the {self.s['max_image_bytes']} allowed")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                w, h = img.size
+        except Image.DecompressionBombError as e:  # PIL's own cap, past twice MAX_IMAGE_PIXELS
+            raise ApiError(413, field, f"{field}: {e}") from e
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ApiError(422, field, f"{field}: not an image ({e})") from e
+        if w * h > self.s["max_image_pixels"]:
+            raise ApiError(413, field, f"{field}: {w}x{h} pixels, more than the {self.s['max_image_pixels']} "
+                                       "allowed (a decompression bomb?)")
+
+    # -- the query path -----------------------------------------------------------------------
+
+    async def _codes(self, modality: str, payload) -> bytes:
+        method = self.encoder.encode_text if modality == "text" else self.encoder.encode_image
+        codes, error = await method.remote(payload)
+        if error:
+            raise ApiError(422, modality, error.split(": ", 1)[-1] if ": row id" in error else error)
+        return codes
+
+    async def _search(self, codes: bytes, target: str, k: int) -> list[tuple[int, int]]:
+        handles = self.groups[target]
+        replies = await asyncio.gather(*(h.search.remote(codes, k) for h in handles), return_exceptions=True)
+        failed = [g for g, r in enumerate(replies) if isinstance(r, BaseException)]
+        if failed:
+            for g in failed:
+                logger.warning("%s index group %d failed: %r", target, g, replies[g])
+            raise ApiError(503, None, f"{target} index shard group(s) {failed} of {len(handles)} did not answer; "
+                                      "results would be incomplete")
+        merged = sorted((d, i) for r in replies for d, i in zip(r["distances"], r["ids"]))
+        return merged[:k]
+
+    async def _answer(self, codes: bytes, target: str, k: int, t0: float) -> dict:
+        hits = await self._search(codes, target, k)
+        results = []
+        captions = await asyncio.gather(*(self.items.caption.remote(i) for _, i in hits)) if self.items else [None] * len(hits)
+        for (d, i), cap in zip(hits, captions):
+            r = {"id": int(i), "distance": int(d)}
+            if self.items is not None:
+                r["caption"] = cap
+                r["image_url"] = f"/items/{int(i)}/image"
+            results.append(r)
+        return {"results": results, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "model": self.s["fingerprint"], "bits": self.s["bits"]}
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @api.post("/search", response_model=SearchResponse, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": SearchRequest.model_json_schema()}}}})
+    async def search(self, request: Request) -> dict:
+        t0 = time.perf_counter()
+        if not request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            raise ApiError(415, None, "send the query as JSON (Content-Type: application/json), or an "
+                                      "image to /search/image as multipart/form-data")
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise ApiError(400, None, f"body is not valid JSON ({e})") from e
+        if not isinstance(body, dict):
+            raise ApiError(422, None, f"body must be a JSON object, got {type(body).__name__}")
+        try:
+            req = SearchRequest.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(e) from e
+        given = [f for f in ("text", "image", "id") if getattr(req, f) is not None]
+        if len(given) != 1:
+            raise ApiError(422, None, f"give exactly one of text, image, id (got {given or 'none'})")
+        k = self._k(req.k)
+        if req.text is not None:
+            if not req.text.strip():
+                raise ApiError(422, "text", "text is empty")
+            if len(req.text) > self.s["max_text_chars"]:
+                raise ApiError(413, "text", f"text has {len(req.text)} characters, more than {self.s['max_text_chars']}")
+            target = self._target(req.target, "text")
+            codes = await self._codes("text", req.text)
+        elif req.image is not None:
+            if len(req.image) > 4 * math.ceil(self.s["max_image_bytes"] / 3) + 4:
+                raise ApiError(413, "image", f"image is larger than the {self.s['max_image_bytes']} bytes allowed")
+            try:
+                data = base64.b64decode(req.image, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ApiError(422, "image", f"image is not valid base64 ({e})") from e
+            self._check_image(data, "image")
+            target = self._target(req.target, "image")
+            codes = await self._codes("image", data)
+        else:
+            if req.modality is None:
+                raise ApiError(422, "modality", "a query by id needs modality: 'image' or 'text' (which item)")
+            if self.items is None:
+                raise ApiError(400, "id", "no dataset is configured: queries by id need one")
+            raw = await self.items.raw.remote(req.modality, req.id)
+            if raw is None:
+                raise ApiError(404, "id", f"no {req.modality} item with id {req.id}")
+            target = self._target(req.target, req.modality)
+            codes = await self._codes(req.modality, raw)
+        return await self._answer(codes, target, k, t0)
+
+    @api.post("/search/image", response_model=SearchResponse)
+    async def search_image(self, file: UploadFile = File(...), k: int = Form(10),
+                           target: str | None = Form(None)) -> dict:
+        t0 = time.perf_counter()
+        data = await file.read(self.s["max_image_bytes"] + 1)
+        self._check_image(data, "file")
+        target = self._target(target, "image")
+        codes = await self._codes("image", data)
+        return await self._answer(codes, target, self._k(k), t0)
+
+    @api.get("/items/{item_id}/image", responses={200: {"content": {"image/jpeg": {}}}})
+    async def item_image(self, item_id: int) -> Response:
+        if self.items is None:
+            raise ApiError(404, "id", "no dataset is configured")
+        data = await self.items.thumbnail.remote(item_id)
+        if data is None:
+            raise ApiError(404, "id", f"no image with id {item_id}")
+        return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self) -> dict:
+        indexes = {}
+        for m, handles in self.groups.items():
+            parts = await asyncio.gather(*(h.info.remote() for h in handles))
+            indexes[m] = {"size": sum(p["ntotal"] for p in parts), "build_id": sorted({p["build_id"] for p in parts}),
+                          "groups": len(parts)}
+        return {"model": self.s["fingerprint"], "bits": self.s["bits"], "indexes": indexes,
+                "max_k": self.s["max_k"], "dataset": self.items is not None}
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        return FileResponse(os.path.join(STATIC, "index.html"))
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> FileResponse:
+        # Only the page's own files, by name: never a path from the request.
+        files = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in files:
+            raise ApiError(404, None, "not found")
+        return FileResponse(os.path.join(STATIC, name), media_type=files[name])
+
+
+# --------------------------------------------------------------------------------------------
+# The builder
+
+
+def build_app(args: AppArgs) -> Application:
+    """Check everything a deployment needs before any replica starts, then bind the graph."""
+    from dcgh_dist.index import read_manifest
+    from dcgh_dist.models.checkpoint import verified_meta
+
+    meta = verified_meta(args.checkpoint, args.s3_endpoint)
+    if not args.indexes:
+        raise ValueError("indexes: give at least one of image, text (manifest URIs)")
+    groups = {}
+    for modality, uri in args.indexes.items():
+        manifest = read_manifest(uri, args.s3_endpoint)
+        if manifest.model_fingerprint != meta.fingerprint:
+            raise ValueError(
+                f"indexes.{modality}: {uri} was built from codes of model {manifest.model_fingerprint}, "
+                f"not of the checkpoint's {meta.fingerprint}; re-encode and rebuild it with this checkpoint"
+            )
+        if manifest.bits != meta.config.model.bits:
+            raise ValueError(f"indexes.{modality}: {manifest.bits}-bit codes, the checkpoint makes "
+                             f"{meta.config.model.bits}")
+        n = max(1, math.ceil(len(manifest.shards) / args.shards_per_replica))
+        groups[modality] = [
+            IndexShards.options(name=f"IndexShards-{modality}-{g}", **args.index.options(),
+                                user_config={"manifest": uri})
+            .bind(modality, g, n, args.s3_endpoint, meta.fingerprint, meta.config.model.bits)
+            for g in range(n)
+        ]
+    items = None
+    if args.dataset is not None:
+        from dataclasses import replace
+
+        from dcgh_dist.data.presets import resolve_dataset
+
+        dataset = resolve_dataset(replace(meta.config.data, dataset=args.dataset, s3_endpoint=args.s3_endpoint))
+        items = ItemLookup.options(**args.metadata.options()).bind(dataset, args.s3_endpoint)
+    enc = args.encoder
+    encoder = QueryEncoder.options(**enc.options()).bind(args.checkpoint, args.s3_endpoint, enc.max_batch_size,
+                                                           enc.batch_wait_timeout_s)
+    settings = {"max_k": args.max_k, "max_text_chars": args.max_text_chars, "max_image_bytes": args.max_image_bytes,
+                "max_image_pixels": args.max_image_pixels, "fingerprint": meta.fingerprint,
+                "bits": meta.config.model.bits}
+    return Frontend.options(**args.frontend.options()).bind(encoder, groups, items, settings)

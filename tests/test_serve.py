@@ -1,0 +1,327 @@
+"""The Ray Serve endpoint on a real local cluster: answers equal ShardedIndex's, bad input is a 4xx
+that leaves the server serving, an index upgrade under load fails no request, and the page works
+in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+pytestmark = [pytest.mark.ray]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(seed: int, size=(48, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    """A tiny PNG whose header claims 30000 x 30000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def deploy(args: dict, deployments: list | None = None, timeout: float = 300) -> None:
+    """What `serve deploy serve/config.yaml` does, with the test's outputs as the args: the
+    declarative path, where a config that changes only deployments' user_config is applied in
+    place (a change of args is a new application version: Serve replaces every replica)."""
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    config["applications"][0]["args"] = args
+    config["applications"][0]["deployments"] = deployments or []
+    config["applications"][0]["logging_config"] = {"log_level": "WARNING"}  # no access log lines
+    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        app = serve.status().applications.get("dcgh")
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(app.message)
+        time.sleep(0.5)
+    raise TimeoutError("the application did not reach RUNNING")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_small, ray_cluster):
+    """Demo checkpoint (untrained tiny CLIP), codes, two sharded indexes, and the app on 127.0.0.1."""
+    from ray import serve
+
+    from dcgh_dist.config import EncodeConfig, IndexConfig
+    from dcgh_dist.data.format import read_dataset_info
+    from dcgh_dist.encoding import run_encode
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.models.checkpoint import read_meta
+    from serve.app import AppArgs
+    from test_encode_job import make_checkpoint
+
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = make_checkpoint(str(root / "ckpt"), read_dataset_info(demo_small))
+    run_encode(ckpt, demo_small, str(root / "codes"), ("image", "text"), EncodeConfig(splits=("train", "val", "db")))
+    fp = read_meta(ckpt).fingerprint
+    indexes = {}
+    for m in ("image", "text"):
+        indexes[m] = str(root / f"index-{m}")
+        build_index(str(root / "codes" / m), indexes[m], IndexConfig(shard_size=400), expected_fingerprint=fp,
+                    use_ray=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    zero = {"num_cpus": 0}
+    args = AppArgs(checkpoint=ckpt, indexes=indexes, dataset=demo_small, max_k=200, max_text_chars=200,
+                   max_image_bytes=200_000, max_image_pixels=4_000_000, shards_per_replica=1,
+                   encoder={"num_cpus": 0.5, "max_batch_size": 8}, index=zero, metadata=zero, frontend=zero)
+    deploy(args.model_dump(exclude_none=True))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield {"url": url, "args": args, "root": root, "ckpt": ckpt, "indexes": indexes, "dataset": demo_small}
+    finally:
+        serve.shutdown()
+
+
+def _search(url, **body):
+    return requests.post(f"{url}/search", json=body, timeout=60)
+
+
+def test_only_loopback_and_the_openapi_doc(served):
+    r = requests.get(f"{served['url']}/openapi.json", timeout=30)
+    assert r.status_code == 200 and "/search" in r.json()["paths"] and "/search/image" in r.json()["paths"]
+    assert requests.get(f"{served['url']}/healthz", timeout=30).json() == {"status": "ok"}
+    info = requests.get(f"{served['url']}/info", timeout=30).json()
+    assert info["bits"] == 64 and info["indexes"]["image"]["size"] == 1080 and info["indexes"]["text"]["groups"] == 3
+
+
+def test_results_equal_sharded_index_search(served):
+    """Fan-out over three shard groups merged by (distance, id) == ShardedIndex on the manifest."""
+    from dcgh_dist.index import ShardedIndex
+    from dcgh_dist.models.encoder import Encoder
+
+    enc = Encoder.from_checkpoint(served["ckpt"], device="cpu")
+    index = ShardedIndex.open(served["indexes"]["image"])
+    plain = ShardedIndex.open(served["indexes"]["image"])
+    for text, k in (("a red circle", 10), ("blue", 37), ("something green and round", 200)):
+        r = _search(served["url"], text=text, k=k)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == enc.meta.fingerprint and body["bits"] == 64 and body["took_ms"] > 0
+        got = [(x["distance"], x["id"]) for x in body["results"]]
+        codes = enc.encode_texts([text]).codes
+        D, I = index.search_stable(codes, k)
+        assert got == list(zip(D[0].tolist(), I[0].tolist()))
+        # tie-aware against the plain search: same distances, same id set per distance
+        D2, I2 = plain.search(codes, k)
+        assert [d for d, _ in got] == D2[0].tolist()
+        for d in set(D2[0].tolist()) - {D2[0][-1]}:
+            assert {i for dd, i in got if dd == d} == set(I2[0][D2[0] == d].tolist())
+        assert all(x["caption"] and x["image_url"] == f"/items/{x['id']}/image" for x in body["results"])
+
+
+def test_image_and_id_queries(served):
+    url = served["url"]
+    b64 = base64.b64encode(_png(3)).decode()
+    r = _search(url, image=b64, k=5)
+    assert r.status_code == 200 and len(r.json()["results"]) == 5  # image -> text by default
+    up = requests.post(f"{url}/search/image", files={"file": ("q.png", _png(3), "image/png")},
+                       data={"k": "5", "target": "text"}, timeout=60)
+    assert up.status_code == 200 and up.json()["results"] == r.json()["results"]
+    first = r.json()["results"][0]["id"]
+    by_id = _search(url, id=first, modality="text", target="image", k=4)
+    assert by_id.status_code == 200 and len(by_id.json()["results"]) == 4
+    thumb = requests.get(f"{url}/items/{first}/image", timeout=30)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size[0] <= 256
+
+
+@pytest.mark.parametrize("case,status,field", [
+    ({"text": ""}, 422, "text"),
+    ({"text": "   "}, 422, "text"),
+    ({"text": "x" * 201}, 413, "text"),
+    ({"image": "not base64!!"}, 422, "image"),
+    ({"image": base64.b64encode(b"plain bytes, no image").decode()}, 422, "image"),
+    ({"image": base64.b64encode(b"\x89PNG" + b"0" * 300_000).decode()}, 413, "image"),
+    ({"image": base64.b64encode(_bomb()).decode()}, 413, "image"),
+    ({"text": "a", "k": 0}, 422, "k"),
+    ({"text": "a", "k": -1}, 422, "k"),
+    ({"text": "a", "k": 201}, 422, "k"),
+    ({"text": "a", "k": "3"}, 422, "k"),
+    ({"id": 10 ** 12, "modality": "image"}, 404, "id"),
+    ({"id": 5}, 422, "modality"),
+    ({"text": "a", "target": "audio"}, 422, "target"),
+    ({"text": "a", "id": 3, "modality": "text"}, 422, None),
+    ({}, 422, None),
+    ({"text": "a", "extra": 1}, 422, "extra"),
+])
+def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(served, case, status, field):
+    r = _search(served["url"], **case)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field and body["error"]
+    assert _search(served["url"], text="still here", k=3).status_code == 200
+
+
+def test_bad_bodies_and_content_types(served):
+    url = served["url"]
+    for data, ctype, status in ((b"[1, 2]", "application/json", 422), (b"{not json", "application/json", 400),
+                                (b"text=a", "application/x-www-form-urlencoded", 415), (b"a", "text/plain", 415)):
+        r = requests.post(f"{url}/search", data=data, headers={"Content-Type": ctype}, timeout=30)
+        assert r.status_code == status and "error" in r.json(), (ctype, r.text)
+    r = requests.post(f"{url}/search/image", files={"file": ("x.png", _bomb(), "image/png")}, timeout=30)
+    assert r.status_code == 413 and r.json()["field"] == "file"
+    assert requests.get(f"{url}/items/123456789/image", timeout=30).status_code == 404
+    assert requests.get(f"{url}/static/..%2F..%2Fpyproject.toml", timeout=30).status_code == 404
+    assert _search(url, text="still here", k=3).status_code == 200
+
+
+def test_index_built_by_another_model_is_refused_at_start(served, tmp_path):
+    from dcgh_dist.data.format import read_dataset_info
+    from serve.app import build_app
+    from test_encode_job import make_checkpoint
+
+    other = make_checkpoint(str(tmp_path / "other"), read_dataset_info(served["dataset"]), seed=7)
+    args = served["args"].model_copy(update={"checkpoint": other})
+    with pytest.raises(ValueError, match=r"indexes.image: .* was built from codes of model \w+, not of the checkpoint's"):
+        build_app(args)
+
+
+def test_index_upgrade_under_load_fails_no_request(served):
+    """A rebuilt index given to the index groups' user_config (`serve deploy` of the edited
+    config) is opened beside the old one and swapped in while clients query; every request
+    succeeds."""
+    from dcgh_dist.config import IndexConfig
+    from dcgh_dist.index import read_manifest
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.models.checkpoint import read_meta
+
+    url, root = served["url"], served["root"]
+    old = read_manifest(served["indexes"]["image"]).build_id
+    new_dir = str(root / "index-image-v2")
+    shutil.copytree(served["indexes"]["image"], new_dir)
+    build_index(str(root / "codes" / "image"), new_dir, IndexConfig(shard_size=400),
+                expected_fingerprint=read_meta(served["ckpt"]).fingerprint, use_ray=False)
+    new = read_manifest(new_dir).build_id
+    assert new != old
+    stop, codes, count = threading.Event(), [], [0]
+
+    def client():
+        while not stop.is_set():
+            try:
+                codes.append(_search(url, text="a query under load", k=10).status_code)
+            except requests.RequestException as e:  # a dropped connection is a failure too
+                codes.append(repr(e))
+            count[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        deploy(served["args"].model_dump(exclude_none=True),
+               [{"name": f"IndexShards-image-{g}", "user_config": {"manifest": new_dir}} for g in range(3)])
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if requests.get(f"{url}/info", timeout=30).json()["indexes"]["image"]["build_id"] == [new]:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert requests.get(f"{url}/info", timeout=30).json()["indexes"]["image"]["build_id"] == [new]
+    assert len(codes) > 10 and set(codes) == {200}, {c for c in codes if c != 200}
+
+
+def _chrome():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no Chromium: `apt-get install -y chromium chromium-driver` (Debian) enables the page test")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")
+    opts = Options()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+@pytest.mark.timeout(300)
+def test_search_page_in_a_real_browser(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chrome()
+    shots = Path(os.environ.get("DCGH_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(served["url"] + "/")
+        wait.until(lambda d: "bits" in d.find_element(By.ID, "status").text)
+        box = driver.find_element(By.ID, "text")
+        box.send_keys("a red square")
+        k = driver.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("6")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 6)
+        assert "text=a+red+square" in driver.current_url and "k=6" in driver.current_url
+        assert "ms" in driver.find_element(By.ID, "meta").text and "64 bits" in driver.find_element(By.ID, "meta").text
+        imgs = driver.find_elements(By.CSS_SELECTOR, "#results img")
+        wait.until(lambda d: all(i.get_property("naturalWidth") > 0 for i in imgs))
+        driver.save_screenshot(str(shots / "serve-text-query.png"))
+        # click a result: a search for items like it, in the URL
+        first = driver.find_elements(By.CSS_SELECTOR, "#results .result")[0]
+        first_id = first.get_attribute("data-id")
+        first.click()
+        wait.until(EC.url_contains(f"id={first_id}"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 6)
+        driver.save_screenshot(str(shots / "serve-like-this.png"))
+        # upload an image (the file input behind the drop zone)
+        path = tmp_path / "query.png"
+        path.write_bytes(_png(11, (64, 64)))
+        driver.find_element(By.ID, "target").send_keys("captions")
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda d: "upload=1" in d.current_url and d.find_elements(By.CSS_SELECTOR, "#results .result"))
+        driver.save_screenshot(str(shots / "serve-upload.png"))
+        # errors appear inline
+        driver.get(served["url"] + "/?text=x&k=100000")
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "k must be" in driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
