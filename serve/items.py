@@ -94,6 +94,18 @@ class ItemStore:
             return None
         return self._value(item_id, "text")
 
+    def captions(self, ids) -> list[str | None]:
+        """Captions of many ids (None where unknown), one read per row group they fall in."""
+        if self.info.text_column != "text":
+            return [None] * len(ids)
+        where = [self._locate(int(i)) for i in ids]
+        columns = {}
+        for w in where:
+            if w is not None and w[:2] not in columns:
+                pf = pq.ParquetFile(self.files[w[0]], filesystem=self.fs)
+                columns[w[:2]] = pf.read_row_group(w[1], columns=["text"]).column("text")
+        return [None if w is None else columns[w[:2]][w[2]].as_py() for w in where]
+
     def image(self, item_id: int) -> bytes | None:
         if self.info.image_column != "image":
             return None
