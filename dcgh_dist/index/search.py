@@ -216,7 +216,9 @@ class ShardedIndex:
                                       known[i], mmap, cache_dir),
                 range(len(manifest.shards))))
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Loads already running finish (and clean up after themselves) before the error
+            # reaches the caller: no download is left half-written in the cache.
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         if record:
             identities = [s.identity for s in shards]
@@ -501,11 +503,14 @@ def _load_shard(
         if not os.path.exists(local):
             # Named per thread too: two shards with the same content download side by side.
             tmp = f"{local}.part-{os.getpid()}-{threading.get_ident()}"
-            digest, _ = sha256_stream(fs, path, copy_to=tmp)
-            if digest != entry.sha256:
-                os.remove(tmp)
-            _check_digest(where, digest, entry)
-            os.replace(tmp, local)
+            try:
+                digest, _ = sha256_stream(fs, path, copy_to=tmp)
+                _check_digest(where, digest, entry)
+                os.replace(tmp, local)
+            except BaseException:
+                if os.path.exists(tmp):  # a failed or bad download is never kept
+                    os.remove(tmp)
+                raise
             identity = _identity(local, entry)
     index, mmapped = _read_index(local, where, mmap)
     if index.d != manifest.bits:
