@@ -106,12 +106,17 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninte
     # snapshot): files of a checkpoint whose report the controller had not yet collected may
     # appear on disk first, and a restart rightly ignores those.
     deadline = time.time() + 600
-    run_dir = Path(run_directory(str(out)))
+    run_dir = None  # known once the job has written run.json
     registered: list = []
     while not registered:
         assert thread.is_alive(), box.get("error")
         assert time.time() < deadline, "no checkpoint was registered"
         time.sleep(0.5)
+        if run_dir is None:
+            where = run_directory(str(out)) if (out / "run.json").exists() else None
+            if where is None:
+                continue
+            run_dir = Path(where)
         try:
             snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
         except (OSError, ValueError):  # not written yet, or being rewritten
