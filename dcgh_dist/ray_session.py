@@ -60,7 +60,9 @@ def ray_session(
     sweep_orphans()
     own_root = temp_dir is None
     root = temp_dir or tempfile.mkdtemp(prefix=ROOT_PREFIX)
-    _write_owner(root)
+    if own_root:
+        # Only a directory made here may be swept: a --ray-temp-dir the user gave is theirs.
+        _write_owner(root)
     worker_tmp = os.path.join(root, "tmp")
     os.makedirs(worker_tmp, exist_ok=True)
     ray.init(
@@ -120,14 +122,16 @@ def _owner_alive(root: str) -> bool:
 
 
 def processes_of(root: str) -> list:
-    """Processes of the Ray run in ``root``: it is in their command line (GCS, raylet,
+    """This user's processes of the Ray run in ``root``: it is in their command line (GCS, raylet,
     dashboard), or they hold a file under it open (the agents, whose process titles Ray rewrites
     to ``ray::DashboardAgent``, keep their logs open there)."""
     import psutil
 
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "uids"]):
         try:
+            if p.info["uids"] is not None and p.info["uids"].real != os.getuid():
+                continue
             if any(root in arg for arg in p.info["cmdline"] or ()) or any(
                     f.path.startswith(root + os.sep) for f in p.open_files()):
                 found.append(p)
@@ -140,12 +144,15 @@ def sweep_orphans(tmp: str | None = None) -> list[int]:
     """End what clusters of dead owners left running and remove their run directories.
 
     Returns the PIDs it ended. Only run directories made by ``ray_session`` (``dcgh-ray-*`` with
-    an owner file) whose owner process no longer exists are touched."""
+    an owner file), belonging to this user, whose owner process no longer exists are touched, and
+    only this user's processes in them are ended: another user's runs in a shared /tmp are theirs."""
     import psutil
 
     tmp = tmp or tempfile.gettempdir()
+    uid = os.getuid()
     dead = [os.path.join(tmp, d) for d in os.listdir(tmp)
-            if d.startswith(ROOT_PREFIX) and not _owner_alive(os.path.join(tmp, d))]
+            if d.startswith(ROOT_PREFIX) and os.stat(os.path.join(tmp, d)).st_uid == uid
+            and not _owner_alive(os.path.join(tmp, d))]
     ended: list[int] = []
     for root in dead:
         procs = processes_of(root)

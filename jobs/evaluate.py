@@ -67,7 +67,8 @@ def read_query_codes(root: str, modality: str, labels, split: str, s3_endpoint: 
     """(ids, packed codes) of the query split from ``root/<modality>/*.parquet``."""
     import numpy as np
 
-    from dcgh_dist.data.format import SPLITS, join, list_data_files, resolve_filesystem
+    from dcgh_dist.data.format import SPLITS, list_data_files
+    from dcgh_dist.storage import join, resolve_filesystem
     from dcgh_dist.index.codes import read_code_shard
 
     fs, _ = resolve_filesystem(root, s3_endpoint)

@@ -388,7 +388,7 @@ def test_s3_round_trip_plain_parquet(tmp_path, s3_server, demo_small, checkpoint
     import encode as encode_job
     import pyarrow.fs as pafs
 
-    from dcgh_dist.data.format import resolve_filesystem
+    from dcgh_dist.storage import resolve_filesystem
     from dcgh_dist.index import ManifestError, ShardedIndex
     from dcgh_dist.index.build import read_slices, scan_code_source
     from test_index import assert_knn_tie_aware

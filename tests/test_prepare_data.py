@@ -870,7 +870,7 @@ def test_preset_with_other_class_count_is_refused(tmp_path, monkeypatch):
 def test_s3_input_and_output_match_local_bytes(s3_server, list_tree, tmp_path):
     import pyarrow.fs as pafs
 
-    from dcgh_dist.data.format import resolve_filesystem
+    from dcgh_dist.storage import resolve_filesystem
 
     endpoint, make_bucket = s3_server
     raw, data = make_bucket("prep-raw"), make_bucket("prep-data")
@@ -902,7 +902,7 @@ def test_s3_input_and_output_match_local_bytes(s3_server, list_tree, tmp_path):
 def test_s3_list_paths_outside_the_image_root_are_refused(s3_server, tmp_path):
     import pyarrow.fs as pafs
 
-    from dcgh_dist.data.format import resolve_filesystem
+    from dcgh_dist.storage import resolve_filesystem
 
     endpoint, make_bucket = s3_server
     raw = make_bucket("prep-paths")

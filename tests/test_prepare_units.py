@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dcgh_dist.data.format import DatasetInfo, scan_dataset, write_text_atomic
+from dcgh_dist.data.format import DatasetInfo, scan_dataset
+from dcgh_dist.storage import write_text_atomic
 from dcgh_dist.data.prepare import source
 from dcgh_dist.data.prepare.images import ImageOptions, check_image
 from dcgh_dist.data.prepare.output import STATE_FILE, TOOL, Run, inspect_output, temp_name

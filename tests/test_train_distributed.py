@@ -64,7 +64,7 @@ def test_train_from_s3_with_checkpoints_on_s3(tmp_path, demo_small, s3_server, r
     """Data read and checkpoints written through the same filesystem code as real S3."""
     import train as train_job
 
-    from dcgh_dist.data.format import resolve_filesystem
+    from dcgh_dist.storage import resolve_filesystem
 
     endpoint, make_bucket = s3_server
     bucket = make_bucket("dcgh-train")

@@ -13,7 +13,8 @@ import os
 from typing import Iterator, Sequence
 
 from dcgh_dist.config import Config
-from dcgh_dist.data.format import DatasetInfo, list_data_files, resolve_filesystem
+from dcgh_dist.data.format import DatasetInfo, list_data_files
+from dcgh_dist.storage import resolve_filesystem
 from dcgh_dist.data.preprocess import BatchPreprocessor
 
 

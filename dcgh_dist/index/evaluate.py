@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, list_data_files, resolve_filesystem
+from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, list_data_files
+from dcgh_dist.storage import resolve_filesystem
 from dcgh_dist.index.codes import _POPCOUNT8
 from dcgh_dist.metrics import average_precision, dcg, dcg_discounts
 
@@ -125,7 +126,7 @@ def index_retrieval_metrics(
     q_lab = labels.labels[q_pos]
 
     # The database's distinct label sets with their counts, for the ideal DCG.
-    db_pos = _index_positions(index, labels, db_splits)
+    db_pos = _index_positions(index, labels)
     patterns, pattern_counts = np.unique(labels.labels[db_pos], axis=0, return_counts=True)
 
     per = {f"map@{map_topk}": [], **({f"ndcg@{ndcg_k}": []} if ndcg_k else {}),
@@ -162,7 +163,7 @@ def index_retrieval_metrics(
     return {name: math.fsum(np.concatenate(v)) / n_q for name, v in per.items()}
 
 
-def _index_positions(index, labels: LabelTable, db_splits) -> np.ndarray:
+def _index_positions(index, labels: LabelTable) -> np.ndarray:
     """Label-table positions of every id in the index."""
     return labels.rows(np.concatenate([index.ids(i) for i in range(len(index.manifest.shards))]), "index id")
 

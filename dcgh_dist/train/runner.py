@@ -224,7 +224,7 @@ def _select_checkpoint(result, has_val: bool):
 def _storage_filesystem(storage: str, cfg: Config):
     """pyarrow filesystem for an s3:// storage path (honours data.s3_endpoint), else None."""
     if storage.startswith("s3://"):
-        from dcgh_dist.data.format import resolve_filesystem
+        from dcgh_dist.storage import resolve_filesystem
 
         return resolve_filesystem(storage, cfg.data.s3_endpoint)[0]
     return None
@@ -269,7 +269,7 @@ def read_run_record(output_dir: str) -> dict[str, Any] | None:
 def write_run_record(output_dir: str, run_name: str, storage: str) -> None:
     import pyarrow.fs as pafs
 
-    from dcgh_dist.data.format import write_text_atomic
+    from dcgh_dist.storage import write_text_atomic
 
     record = {"run_name": run_name, "storage_path": storage, "run_dir": f"{storage.rstrip('/')}/{run_name}",
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

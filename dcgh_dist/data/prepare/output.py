@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from dcgh_dist.data.format import INFO_FILE, join
+from dcgh_dist.data.format import INFO_FILE
+from dcgh_dist.storage import join
 from dcgh_dist.data.prepare.report import REPORT_FILE
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from typing import Any, Iterator, Sequence
 import pyarrow.fs as pafs
 
 from dcgh_dist.config import PrepareConfig
-from dcgh_dist.data.format import INFO_FILE, DatasetInfo, resolve_filesystem
+from dcgh_dist.data.format import INFO_FILE, DatasetInfo
+from dcgh_dist.storage import resolve_filesystem
 from dcgh_dist.data.prepare import coco, listfile, mirflickr, nuswide
 from dcgh_dist.data.prepare.base import Candidate, LayoutOptions, SourceScan
 from dcgh_dist.data.prepare.images import ImageOptions, ImageResult, init_worker, process_chunk, warm_up

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import pyarrow.fs as pafs
 
-from dcgh_dist.data.format import join, resolve_filesystem
+from dcgh_dist.storage import join, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DatasetInfo, dataset_schema, join, validate_table
+from dcgh_dist.data.format import DatasetInfo, dataset_schema, validate_table
+from dcgh_dist.storage import join
 from dcgh_dist.data.prepare.output import new_run_id, temp_name
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def verify_manifest(uri: str, s3_endpoint: str | None = None) -> list[str]:
     Checks that each listed shard exists with the recorded size, SHA-256 and row count, and that no
     unlisted Parquet file sits in the dataset (a leftover of another run would add rows).
     """
-    from dcgh_dist.data.format import list_data_files, read_dataset_info, resolve_filesystem
+    from dcgh_dist.data.format import list_data_files, read_dataset_info
+    from dcgh_dist.storage import resolve_filesystem
     from dcgh_dist.data.prepare.source import path_under
 
     info = read_dataset_info(uri, s3_endpoint)
