@@ -65,6 +65,16 @@ def ray_session(
         _write_owner(root)
     worker_tmp = os.path.join(root, "tmp")
     os.makedirs(worker_tmp, exist_ok=True)
+    env = {**WORKER_ENV, "TMPDIR": worker_tmp}
+    dashboard_port = None
+    if dashboard:
+        # Ray Train's placement-group cleaner asks the State API whether the controller lives;
+        # left to find the API server itself, it picks any Ray instance on the machine, and with
+        # two local clusters (tests, benchmarks, a second job) it found the controller "dead" in
+        # the other one and removed a running job's placement group. So the port is chosen here
+        # and every worker of this cluster is told where its own API server is.
+        dashboard_port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         # "local": always a new cluster. Without it, ray.init() joins whatever `ray start` left
         # registered in /tmp/ray (someone else's cluster on a shared machine).
@@ -74,13 +84,14 @@ def ray_session(
         # serves; without it the logs fill with "State API may be temporarily unavailable".
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
+        **({"dashboard_port": dashboard_port} if dashboard_port else {}),
         # Loopback only. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does the same but is read when ray is
         # first imported, which a library cannot guarantee to precede.
         _node_ip_address="127.0.0.1",
         _temp_dir=root,
         # TMPDIR: what workers leave behind when they are killed (multiprocessing's pymp-*
         # directories, torch extension builds) goes with the session, not into /tmp.
-        runtime_env={"env_vars": {**WORKER_ENV, "TMPDIR": worker_tmp}},
+        runtime_env={"env_vars": env},
         configure_logging=True,
         logging_level=logging.WARNING,
     )
@@ -94,6 +105,14 @@ def ray_session(
             shutil.rmtree(root, ignore_errors=True)
         elif not ok:
             logger.warning("Ray's logs of this run are kept in %s", root)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 ROOT_PREFIX = "dcgh-ray-"

@@ -104,3 +104,42 @@ def test_sweep_spares_live_owners_and_foreign_directories(tmp_path):
     foreign.mkdir()
     assert sweep_orphans(str(tmp_path)) == []
     assert mine.exists() and foreign.exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_workers_query_their_own_cluster_with_another_one_running(short_tmp, ray_cluster):
+    """Ray Train's placement-group cleaner asks the State API, from a worker, whether the
+    controller lives. With a second local cluster on the machine an unguided lookup finds
+    "multiple active Ray instances" or the other one, and a running job's placement group was
+    removed. Every worker of a session is pointed at its own API server."""
+    import ray
+
+    other = _driver("hang", short_tmp)  # a second local cluster, with its own dashboard
+    try:
+        _ready(other)
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def ping(self) -> int:
+                return 1
+
+        probe = Probe.remote()
+        ray.get(probe.ping.remote())
+
+        @ray.remote(num_cpus=0)
+        def state_of(actor_id: str):
+            from ray.util.state import get_actor
+
+            found = get_actor(actor_id, timeout=30)
+            return found.state if found else None
+
+        assert ray.get(state_of.remote(probe._actor_id.hex()), timeout=120) == "ALIVE"
+    finally:
+        other.send_signal(signal.SIGINT)  # its ray_session shuts its cluster down
+        try:
+            other.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
+            sweep_orphans(short_tmp)
