@@ -27,7 +27,10 @@ VALID_BITS = (16, 32, 64, 128)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["clip", "features"] = "clip"
+    # "auto": follow the dataset (dataset.json's image_features/text_features columns -> "features",
+    # image/text -> "clip"). Set explicitly, a family that does not fit the dataset is an error
+    # before Ray starts. Checkpoints and manifests always record the resolved family.
+    family: Literal["auto", "clip", "features"] = "auto"
     # clip family: a size preset from dcgh_dist.models.towers.CLIP_PRESETS
     clip_preset: str = "vit-b-32"
     # Local Hugging Face CLIP directory or OpenAI-format ``.pt`` file; None = random init.
@@ -95,11 +98,21 @@ class DataConfig:
     data_root: str | None = None
     # S3-compatible endpoint override (MinIO, moto, ...); None = AWS default resolution.
     s3_endpoint: str | None = None
+    # A training split whose preprocessed rows fit this many bytes is read once and kept in Ray's
+    # object store: every epoch then draws a fresh global permutation of it, sharded across the
+    # workers, with no pipeline start-up. Larger splits, and image splits with per-epoch
+    # augmentation, stream. 0 = always stream.
+    cache_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    # dcgh: the DCGH loss (proxies, pairs, variance); daph: DAPH's two stages (see ``daph``).
+    method: Literal["dcgh", "daph"] = "dcgh"
+    # An upper bound: with a val split, training stops once val mAP has not improved for
+    # ``patience`` evaluations (0 = never stop early), and the best-val checkpoint is exported.
+    epochs: int = 100
+    patience: int = 10
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
@@ -130,6 +143,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2  # best-by-val ones; the latest is always kept as well
     max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint
+    # How often Ray Train's controller collects the workers' reports. Every epoch-end report waits
+    # for the next collection, so Ray's default (2 s) adds up to 2 s to every epoch: most of an
+    # epoch of a small feature dataset. An exported RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins.
+    report_interval_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -249,6 +266,57 @@ class IndexConfig:
         return -1  # ivf: never guaranteed
 
 
+DAPH_POSITIVE_RULES = ("exact", "superset")
+
+
+@dataclass(frozen=True)
+class DAPHConfig:
+    """DAPH (SIGIR 2023) loss settings (``dcgh_dist/losses/daph.py``). The defaults are the
+    authors' command-line defaults; see ``../shared/golden/DAPH.md`` §1.3 and §2.3."""
+
+    gamma: float = 20.0  # scale of the softmax-like terms (the reference parses it as an int)
+    sigma: float = 0.2  # margin subtracted from the positive similarity
+    alpha: float = 0.2  # stage 1: bit-balance weight
+    beta: float = 0.2  # stage 1: quantisation weight (the paper writes 1; the code uses beta)
+    eta: float = 1.0  # stage 2: weight of the partial-positive terms (the paper's L_similar)
+    eps: float = 1e-5
+    # Stage-2 positive anchors: "exact" = identical label sets, "superset" = the anchor holds
+    # every label of the row. The reference's image epochs use exact, its text epochs superset.
+    positive_rule_image: Literal["exact", "superset"] = "exact"
+    positive_rule_text: Literal["exact", "superset"] = "superset"
+    # Which stages `jobs/train.py --method daph` runs: "1" the proxy network (writes the proxy
+    # codes), "2" the hashing networks (reads them), "all" both.
+    stage: Literal["1", "2", "all"] = "all"
+    # Stage 1 has no label-free validation (its nets take labels), so it runs a fixed number of
+    # epochs; stage 2 follows train.epochs / train.patience like DCGH.
+    proxy_epochs: int = 30
+    # The stage-1 proxy codes stage 2 trains against; None = <train.output_dir>/daph_proxy_codes.npz.
+    proxy_codes: str | None = None
+    # Parity switches with the authors' code (DAPH.md §4.4, §4.5); the defaults are the sensible
+    # ones: train every layer, and write the proxy codes in eval mode.
+    freeze_reference_layers: bool = False
+    proxy_codes_train_mode: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.gamma < float("inf"):
+            raise ValueError(f"daph.gamma must be a finite number > 0, got {self.gamma}")
+        if not -float("inf") < self.sigma < float("inf"):
+            raise ValueError(f"daph.sigma must be finite, got {self.sigma}")
+        for name in ("alpha", "beta", "eta"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"daph.{name} must be a finite weight >= 0, got {getattr(self, name)}")
+        # eps > 0: it keeps log(r + eps) and the stage-2 guard finite when exp() underflows.
+        if not 0 < self.eps < 1:
+            raise ValueError(f"daph.eps must be in (0, 1), got {self.eps}")
+        if self.proxy_epochs < 1:
+            raise ValueError(f"daph.proxy_epochs must be >= 1, got {self.proxy_epochs}")
+        for name in ("positive_rule_image", "positive_rule_text"):
+            if getattr(self, name) not in DAPH_POSITIVE_RULES:
+                raise ValueError(
+                    f"daph.{name} must be one of {list(DAPH_POSITIVE_RULES)}, got {getattr(self, name)!r}"
+                )
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +328,7 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    daph: DAPHConfig = field(default_factory=DAPHConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -281,6 +350,10 @@ class Config:
             raise ValueError("data.batch_size must be >= 2: the pairwise terms need pairs")
         if self.train.epochs < 1:
             raise ValueError("train.epochs must be >= 1")
+        if self.train.patience < 0:
+            raise ValueError("train.patience must be >= 0 (0 = no early stopping)")
+        if self.data.cache_bytes < 0:
+            raise ValueError("data.cache_bytes must be >= 0 (0 = always stream)")
         if self.train.num_workers < 1:
             raise ValueError("train.num_workers must be >= 1")
         if not 0 <= self.train.zero_stage <= 3:
@@ -335,6 +408,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ValueError(f"config {where}: {value!r} does not fit {tp}")
     if origin is Literal:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in args:
+            value = str(value)  # `daph.stage=1` parses as the YAML integer 1
         if value not in args:
             raise ValueError(f"config {where}: {value!r} is not one of {list(args)}")
         return value

@@ -11,6 +11,10 @@ Normalisation: ``dcgh_loss`` divides each worker's local-row sums by global coun
 the workers' losses is the global loss. DDP (and DeepSpeed) *average* gradients, so each worker
 back-propagates ``world_size * loss``; the proxies, which live outside DDP, have their gradients
 averaged by ``all_reduce_grads``.
+
+DAPH (``distributed_daph_proxy_loss``, ``distributed_daph_hash_loss``) follows the same contract:
+each worker's loss is its share of the global loss (local-row sums over global counts, plus
+1/world_size of the terms that are not per-row), and it back-propagates ``world_size * loss``.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def all_reduce_grads(params, average: bool = True) -> None:
 def all_reduce_sum(values: dict[str, Tensor]) -> dict[str, float]:
     """Sum detached scalars over workers (for logging the global loss terms)."""
     keys = sorted(values)
-    t = torch.stack([values[k].detach().float() for k in keys])
+    # float64: the logged global terms of a float64 run stay exact (and cost nothing extra).
+    t = torch.stack([values[k].detach().double() for k in keys])
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
@@ -120,3 +125,113 @@ def distributed_dcgh_loss(
         return terms["total"] * n, all_reduce_sum(terms)
     terms = dcgh_loss(image_codes, text_codes, labels, proxies, cfg)
     return terms["total"], {k: v / n for k, v in all_reduce_sum(terms).items()}
+
+
+def _all_reduce_counts(counts: list[int], device: torch.device) -> list[int]:
+    t = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(v) for v in t.tolist()]
+
+
+def _unlabelled_rows(labels: Tensor) -> int:
+    return int((labels == 0).all(dim=1).sum()) if labels.numel() else 0
+
+
+def _raise_if_unlabelled(local_bad: int, global_bad: int, labels: Tensor) -> None:
+    """Raise on every rank together: one rank raising alone leaves the others blocked in the
+    next collective."""
+    if global_bad == 0:
+        return
+    if local_bad:
+        from dcgh_dist.losses.daph import _label_mask
+
+        _label_mask(labels)  # raises, naming this worker's rows
+    raise ValueError(
+        f"{global_bad} row(s) without labels in other workers' batches; DAPH needs at least one "
+        "label per row: drop unlabelled items from the training split"
+    )
+
+
+def distributed_daph_proxy_loss(
+    image_codes: Tensor, text_codes: Tensor, class_codes: Tensor, labels: Tensor, cfg
+) -> tuple[Tensor, dict[str, float]]:
+    """DAPH stage 1: the loss a worker back-propagates, and the global terms for logging.
+
+    The proxy and quantisation terms of H and T are sums over rows: each worker sums its own.
+    ``balance`` squares the column sums of H and T over the **global** batch (a sum of per-worker
+    squares would be a different loss), so the (1, 2, K) local column sums are gathered with
+    gradient, K floats per worker instead of the codes themselves. The class-code terms and the
+    global balance are carried 1/world_size by each worker (``shared_scale``), so the workers'
+    losses sum to the single-process loss of the concatenated batch, and the returned
+    ``world_size * loss`` makes DDP's gradient average the gradient of that sum.
+
+    Exact equivalence needs the same class codes on every worker: the class net in eval mode (or
+    without dropout), as in the tests. With dropout each worker's class codes are their own
+    sample, and the class-code terms are then averaged over the samples.
+    """
+    from dcgh_dist.losses import daph_proxy_loss
+
+    n = world_size()
+    if n == 1:
+        terms = daph_proxy_loss(image_codes, text_codes, class_codes, labels, cfg)
+        return terms["total"], all_reduce_sum(terms)
+    local_bad = _unlabelled_rows(labels)
+    (global_bad,) = _all_reduce_counts([local_bad], labels.device)
+    _raise_if_unlabelled(local_bad, global_bad, labels)
+    local_sums = torch.stack([image_codes.sum(dim=0), text_codes.sum(dim=0)])[None]
+    global_sums = _GatherWithGrad.apply(local_sums, [1] * n).sum(dim=0)
+    terms = daph_proxy_loss(
+        image_codes, text_codes, class_codes, labels, cfg,
+        global_image_sum=global_sums[0], global_text_sum=global_sums[1], shared_scale=1.0 / n,
+    )
+    return terms["total"] * n, all_reduce_sum(terms)
+
+
+def distributed_daph_hash_loss(
+    codes: Tensor,
+    labels: Tensor,
+    anchor_image: Tensor,
+    anchor_text: Tensor,
+    anchor_labels: Tensor,
+    class_codes: Tensor,
+    cfg,
+    rule: str,
+) -> tuple[Tensor, dict[str, float]]:
+    """DAPH stage 2: the loss a worker back-propagates, and the global terms for logging.
+
+    Given the anchors, every row's terms depend on that row alone, so nothing is gathered: each
+    worker sums its rows' values and divides by the **global** counts (B for L_same and L_class,
+    the rows with a partial anchor for L_partial), all-reduced once per step. The workers' losses
+    then sum to the single-process loss, and ``world_size * loss`` is returned for DDP's average.
+
+    The anchors (N x K +-1 proxy codes of both modalities, their labels, the class codes) are
+    constants, replicated on every worker, never gathered. What that costs per worker: N x K/8
+    bytes per anchor set packed (8 GB for 1e9 anchors at 64 bits) plus N x C label bits, more once
+    unpacked for the matmul (2 bytes per bit in bf16), and each step builds (B, N) similarities
+    and masks: B x N x K multiply-adds per anchor set and several B x N temporaries. That is fine
+    up to ~1e7 anchors. At 1e8-1e9 shard the anchors across workers instead: each worker scores
+    the gathered batch rows (gathered with gradient) against its N/W anchors and all-reduces the
+    per-row partial sums (negatives' exp sums, sum_j S_ij, sum_j w_ij z_ij, positive and partial
+    counts); the per-row log terms are then summed over shards the same way.
+    """
+    from dcgh_dist.losses import daph_anchor_masks, daph_hash_loss, resolve_positive_rule
+
+    n = world_size()
+    if n == 1:
+        terms = daph_hash_loss(codes, labels, anchor_image, anchor_text, anchor_labels, class_codes,
+                               cfg, rule)
+        return terms["total"], all_reduce_sum(terms)
+    rule = resolve_positive_rule(cfg, rule)
+    local_bad = _unlabelled_rows(labels)
+    masks = None
+    n_partial = 0
+    if not local_bad:
+        masks = daph_anchor_masks(labels, anchor_labels, rule, cfg.eps, dtype=codes.dtype)
+        n_partial = int(masks[2].any(dim=1).sum())
+    rows, partial_rows, global_bad = _all_reduce_counts(
+        [codes.shape[0], n_partial, local_bad], codes.device
+    )
+    _raise_if_unlabelled(local_bad, global_bad, labels)
+    terms = daph_hash_loss(codes, labels, anchor_image, anchor_text, anchor_labels, class_codes,
+                           cfg, rule, masks=masks, row_count=rows, partial_row_count=partial_rows)
+    return terms["total"] * n, all_reduce_sum(terms)

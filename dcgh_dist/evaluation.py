@@ -27,7 +27,7 @@ def encode_splits(
     import ray
     import ray.data
 
-    from dcgh_dist.data.pipeline import read_split
+    from dcgh_dist.data.pipeline import collect, read_split
     from dcgh_dist.encoding.actor import EncodeBatches
     from dcgh_dist.models.checkpoint import read_checkpoint_files
 
@@ -43,11 +43,7 @@ def encode_splits(
         compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(np.asarray(v))
-    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out = collect(ds)
     order = np.argsort(out["id"], kind="stable")  # deterministic database order
     return {k: v[order] for k, v in out.items()}
 
@@ -81,11 +77,14 @@ def evaluate(
     return score(encode_splits(uri, info, cfg, checkpoint_dir, files), cfg)
 
 
-def write_pr_plot(curves: dict[str, dict], baseline: dict[str, dict] | None, path: str, title: str) -> None:
+def write_pr_plot(curves: dict[str, dict], baselines: dict[str, dict[str, dict] | None], path: str,
+                  title: str) -> None:
+    """The trained model's curves beside each baseline's (``{"untrained": curves, "linear": ...}``)."""
     from dcgh_dist.metrics import plot_pr_curves
 
     all_curves = dict(curves)
-    for k, v in (baseline or {}).items():
-        all_curves[f"{k} (untrained)"] = v
+    for name, base in baselines.items():
+        for k, v in (base or {}).items():
+            all_curves[f"{k} ({name})"] = v
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     plot_pr_curves(all_curves, path, title=title)

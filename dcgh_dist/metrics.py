@@ -604,3 +604,13 @@ def plot_pr_curves(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
+
+
+def validation_metrics(codes: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """val-vs-val mAP in both directions (``image_codes``, ``text_codes``, ``labels``): what model
+    selection and early stopping watch; cheap, and keeps selection off the query split."""
+    if len(codes["labels"]) < 2:
+        return {}
+    i2t = mean_average_precision(codes["image_codes"], codes["text_codes"], codes["labels"], codes["labels"])
+    t2i = mean_average_precision(codes["text_codes"], codes["image_codes"], codes["labels"], codes["labels"])
+    return {"val_map_i2t": i2t, "val_map_t2i": t2i, "val_map": (i2t + t2i) / 2}

@@ -1,11 +1,13 @@
-"""Train DCGH on a Ray cluster and evaluate it.
+"""Train DCGH (or DAPH) on a Ray cluster and evaluate it.
 
     python jobs/train.py --dataset demo                      # local Ray, built-in demo, CPU
+    python jobs/train.py --dataset demo --method daph        # DAPH: stage 1 then stage 2
     python jobs/train.py --dataset /data/coco --bits 32 --epochs 20 --config my.yaml optim.head_lr=3e-4
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py --dataset coco
 
-Writes to --output-dir: checkpoint/ (selected on val), config.yaml, metrics.json (trained and
-"untrained" baseline), pr_curve.png, loss_curve.png, run.json (where the run's Ray Train checkpoints
+Writes to --output-dir: checkpoint/ (selected on val), config.yaml, metrics.json (trained, the
+"untrained" baseline and, for feature datasets, the "linear" hashing baseline), pr_curve.png,
+loss_curve.png (where early stopping ended the run), run.json (where the run's Ray Train checkpoints
 are: <train.storage_path, default ray_results/>/<run name>). Mistakes are reported as one
 "error: ..." line with exit code 2 (--debug shows the traceback), before Ray starts where they can be.
 """
@@ -30,6 +32,7 @@ FLAGS = {
     "dataset": "data.dataset", "bits": "model.bits", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
     "output_dir": "train.output_dir", "ray_address": "train.ray_address",
+    "method": "train.method", "stage": "daph.stage",
 }
 
 
@@ -45,6 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--output-dir")
     p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
+    p.add_argument("--method", choices=["dcgh", "daph"], help="dcgh (default) or daph (two stages)")
+    p.add_argument("--stage", choices=["1", "2", "all"],
+                   help="daph: 1 = the proxy network (writes the proxy codes), 2 = the hashing networks, all (default)")
     p.add_argument("--resume", action="store_true", help="continue the run recorded in --output-dir")
     p.add_argument("--skip-baseline", action="store_true", help="don't evaluate the untrained model")
     add_config_arguments(p)
@@ -60,13 +66,15 @@ def build_config(args: argparse.Namespace):
     return config_from_args(args, FLAGS, preset=lambda dataset: TRAIN_PRESETS.get(dataset, {}))
 
 
-def print_table(metrics: dict, baseline: dict | None) -> str:
+def print_table(metrics: dict, baselines: dict[str, dict | None]) -> str:
+    """Markdown table: the trained model, then one column per baseline the run has."""
     rows = ["map_i2t", "map_t2i", "map_i2i", "map_t2t"]
     extra = sorted(k for k in metrics if k.startswith(("ndcg@", "p@")) and k.endswith(("_i2t", "_t2i")))
-    lines = ["| metric | trained | untrained |", "|---|---|---|"]
+    names = [n for n, b in baselines.items() if b]
+    lines = ["| metric | trained | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for k in rows + extra:
-        b = f"{baseline[k]:.4f}" if baseline and k in baseline else "-"
-        lines.append(f"| {k} | {metrics[k]:.4f} | {b} |")
+        cells = [f"{baselines[n][k]:.4f}" if k in baselines[n] else "-" for n in names]
+        lines.append(f"| {k} | {metrics[k]:.4f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table, flush=True)
     return table
@@ -81,22 +89,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch  # noqa: F401
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = build_config(args)
-
+    from dcgh_dist.baselines import has_linear_baseline, linear_baseline
     from dcgh_dist.evaluation import evaluate, write_pr_plot
     from dcgh_dist.ray_session import ray_session
+    from dcgh_dist.train.loop import best_val_epoch
+    from dcgh_dist.train import daph
     from dcgh_dist.train.runner import plan_run, run_training
 
     # Every check that needs no cluster runs first: a mistake costs seconds, not a Ray start.
-    plan = plan_run(cfg, resume=args.resume)
+    plan = plan_run(build_config(args), resume=args.resume)
+    cfg = plan.cfg  # model.family resolved against the dataset
+    is_daph, stage = cfg.train.method == "daph", cfg.daph.stage
+    reuse_stage1 = False
+    if is_daph and (stage == "2" or (stage == "all" and args.resume)):
+        # stage 2 alone must find proxy codes of this very dataset; --resume of both stages
+        # skips a stage 1 that already finished
+        try:
+            daph.read_proxy_codes(daph.proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
+            reuse_stage1 = True
+        except FileNotFoundError:
+            if stage == "2":
+                raise
     out = plan.output_dir
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write(cfg.to_yaml())
 
+    stage1 = None
     with ray_session(cfg.train.ray_address, num_cpus=cfg.train.ray_num_cpus, dashboard=True):
         t0 = time.time()
-        outcome = run_training(cfg, plan=plan)
+        if is_daph and stage in ("1", "all") and not reuse_stage1:
+            _, stage1 = daph.run_stage1(cfg, resume=args.resume)
+            if stage == "1":
+                print(json.dumps(stage1, indent=2), flush=True)
+                return {"method": "daph", "stage": "1", "daph_stage1": stage1,
+                        "proxy_codes": daph.proxy_codes_path(cfg)}
+        if is_daph:
+            outcome = run_training(cfg, plan=plan, objective="daph-hash", anchors=daph.stage2_anchors(cfg, plan))
+        else:
+            outcome = run_training(cfg, plan=plan)
         train_s = time.time() - t0
         info = outcome.scan.info
         logger.info("evaluating checkpoint (epoch %d) on the query split", outcome.selected_epoch)
@@ -105,22 +136,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not args.skip_baseline:
             logger.info("evaluating the untrained model the same way")
             baseline, base_curves = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
+    linear, lin_curves = (None, None)
+    if has_linear_baseline(info):
+        linear, lin_curves = linear_baseline(outcome.dataset_uri, info, cfg, outcome.scan.files)
 
+    history = outcome.history
     result = {
         **metrics,
+        "method": cfg.train.method,
         "untrained": baseline,
+        "linear": linear,
         "selected_epoch": outcome.selected_epoch,
+        "best_val_epoch": best_val_epoch(history) or None,
+        "epochs_run": history[-1]["epoch"] if history else 0,
+        "stopped_early": bool(history and history[-1].get("stopped_early")),
+        "train_data": plan.cache_reason,  # cached in the object store, or streamed (and why)
         "train_seconds": train_s,
         "dataset": outcome.dataset_uri,
         "history": outcome.history,
     }
+    if is_daph:
+        result["proxy_codes"] = daph.proxy_codes_path(cfg)
+        result["daph_stage1"] = stage1
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     if cfg.eval.pr_curve:
-        write_pr_plot(curves, base_curves, os.path.join(out, "pr_curve.png"),
-                      f"DCGH {cfg.model.bits} bits on {info.name}: Hamming-radius PR")
+        write_pr_plot(curves, {"untrained": base_curves, "linear": lin_curves}, os.path.join(out, "pr_curve.png"),
+                      f"{cfg.train.method.upper()} {cfg.model.bits} bits on {info.name}: Hamming-radius PR")
     write_loss_plot(outcome.history, os.path.join(out, "loss_curve.png"))
-    print_table(metrics, baseline)
+    print_table(metrics, {"untrained": baseline, "linear": linear})
     print(f"outputs in {out}", flush=True)
     return result
 
@@ -130,17 +174,25 @@ def write_loss_plot(history: list[dict], path: str) -> None:
         return
     from matplotlib.figure import Figure
 
+    from dcgh_dist.train.loop import best_val_epoch
+
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot(111)
     epochs = [h["epoch"] for h in history]
-    for k in ("loss_total", "loss_proxy", "loss_pairwise_neg", "loss_variance"):
-        if k in history[0]:
-            ax.plot(epochs, [h[k] for h in history], marker="o", label=k.removeprefix("loss_"))
+    terms = [k for k in history[0] if k.startswith("loss_") and k != "loss_pairwise_pos"]
+    for k in sorted(terms, key=lambda k: k != "loss_total"):
+        ax.plot(epochs, [h.get(k, float("nan")) for h in history], marker="o", label=k.removeprefix("loss_"))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     if "val_map" in history[0]:
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h["val_map"] for h in history], "k--", label="val mAP")
+        ax2.plot(epochs, [h.get("val_map", float("nan")) for h in history], "k--", label="val mAP")
+        best = best_val_epoch(history)
+        if best:
+            # the exported checkpoint, and where early stopping ended the run
+            ax2.axvline(best, color="tab:green", linestyle=":", label=f"best val (epoch {best})")
+        if history[-1].get("stopped_early"):
+            ax2.axvline(epochs[-1], color="tab:red", linestyle=":", label=f"stopped (epoch {epochs[-1]})")
         ax2.set_ylabel("val mAP")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")

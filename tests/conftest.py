@@ -98,6 +98,14 @@ def demo_small(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def demo_features(tmp_path_factory) -> str:
+    """The built-in feature dataset (2,866 pairs, single-label, 10 classes), generated once."""
+    from dcgh_dist.data.demo import ensure_features_demo
+
+    return ensure_features_demo(seed=0, data_root=str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's) on 127.0.0.1, started for the session.
 

@@ -499,8 +499,8 @@ def test_write_pr_plot_adds_the_baseline_curves(tmp_path):
     from dcgh_dist.evaluation import write_pr_plot
 
     trained = {"i2t": _SHAPES["high"]}
-    write_pr_plot(trained, None, str(tmp_path / "alone.png"), title="PR")
-    write_pr_plot(trained, {"i2t": _SHAPES["low"]}, str(tmp_path / "with.png"), title="PR")
+    write_pr_plot(trained, {"untrained": None}, str(tmp_path / "alone.png"), title="PR")
+    write_pr_plot(trained, {"untrained": {"i2t": _SHAPES["low"]}}, str(tmp_path / "with.png"), title="PR")
     assert len(line_pixels(read_plot(tmp_path / "alone.png"))) == 1
     lines = line_pixels(read_plot(tmp_path / "with.png"))
     assert len(lines) == 2

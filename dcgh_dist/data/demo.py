@@ -241,20 +241,37 @@ def default_data_root(configured: str | None = None) -> str:
 
 
 def ensure_demo_dataset(size: int = 4000, seed: int = 0, data_root: str | None = None) -> str:
-    """Path of the demo dataset with these parameters, generating it once if missing.
+    """Path of the demo dataset with these parameters, generating it once if missing."""
+    return ensure_generated(
+        f"demo-v{DEMO_VERSION}-n{size}-s{seed}", lambda d: generate_demo_dataset(d, size=size, seed=seed),
+        data_root, f"demo dataset ({size} pairs, seed {seed})",
+    )
+
+
+def ensure_features_demo(seed: int = 0, data_root: str | None = None) -> str:
+    """Path of the ``demo-features`` dataset (dcgh_dist.data.demo_features), generated once."""
+    from dcgh_dist.data.demo_features import FEATURES_DEMO_VERSION, generate_features_demo
+
+    return ensure_generated(f"demo-features-v{FEATURES_DEMO_VERSION}-s{seed}",
+                            lambda d: generate_features_demo(d, seed=seed), data_root,
+                            f"feature demo dataset (seed {seed})")
+
+
+def ensure_generated(dirname: str, generate, data_root: str | None, what: str) -> str:
+    """``<data root>/<dirname>``, calling ``generate(dir)`` once if it holds no dataset yet.
 
     Generated into a temporary directory and renamed into place, so concurrent callers (several
     test processes, say) never see a half-written dataset.
     """
     root = default_data_root(data_root)
-    path = os.path.join(root, f"demo-v{DEMO_VERSION}-n{size}-s{seed}")
+    path = os.path.join(root, dirname)
     if os.path.exists(os.path.join(path, "dataset.json")):
         return path
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=root)
     try:
-        logger.info("generating demo dataset (%d pairs, seed %d) in %s", size, seed, path)
-        generate_demo_dataset(tmp, size=size, seed=seed)
+        logger.info("generating %s in %s", what, path)
+        generate(tmp)
         try:
             os.rename(tmp, path)
         except OSError:

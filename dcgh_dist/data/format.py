@@ -14,6 +14,7 @@ Validation errors name the file, the row id and the column, so a bad row can be 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -249,6 +250,9 @@ class DatasetScan:
     files: list[str]
     split_counts: dict[str, int]
     rows_per_file: dict[str, int]
+    # sha256 of dataset.json's classes and columns and of every row's id, split and labels, in
+    # file order: what anything derived from the training rows (DAPH's proxy codes) is tied to.
+    fingerprint: str = ""
 
     @property
     def num_rows(self) -> int:
@@ -268,6 +272,7 @@ def scan_dataset(uri: str, s3_endpoint: str | None = None, *, check_ids: bool = 
     counts = {s: 0 for s in SPLITS}
     per_file: dict[str, int] = {}
     seen_ids: list[np.ndarray] = []
+    digest = hashlib.sha256(json.dumps([info.num_classes, list(info.class_names), info.columns]).encode())
     light = ["id", "labels", "split"] + [
         c for c in (info.image_column, info.text_column) if c.endswith("_features")
     ]
@@ -286,13 +291,19 @@ def scan_dataset(uri: str, s3_endpoint: str | None = None, *, check_ids: bool = 
         table = pq.read_table(path, filesystem=fs, columns=light)
         validate_table(table, info, where)
         per_file[path] = table.num_rows
+        labels = table.column("labels").combine_chunks()
+        for part in (table.column("id").to_numpy().astype("<i8"), np.asarray(labels.offsets).astype("<i8"),
+                     np.asarray(labels.flatten()).astype("<i8")):
+            digest.update(part.tobytes())
+        digest.update("\0".join(table.column("split").to_pylist()).encode())
         for s, n in zip(*np.unique(table.column("split").to_numpy(zero_copy_only=False), return_counts=True)):
             counts[str(s)] += int(n)
         if check_ids:
             seen_ids.append(table.column("id").to_numpy())
     if check_ids and seen_ids and (dup := first_duplicate(np.concatenate(seen_ids))):
         raise DatasetError(f"{uri}: id {dup[0]} appears {dup[1]} times; ids must be unique")
-    return DatasetScan(info=info, files=files, split_counts=counts, rows_per_file=per_file)
+    return DatasetScan(info=info, files=files, split_counts=counts, rows_per_file=per_file,
+                       fingerprint=digest.hexdigest()[:16])
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,6 +130,17 @@ def read_split(
     return ds
 
 
+def collect(ds, batch_size: int = 4096) -> dict:
+    """Every row of a (small) Ray Dataset as one numpy array per column, in the order read."""
+    import numpy as np
+
+    parts: dict[str, list] = {}
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 class _WithSplit:
     """Preprocess and carry the ``split`` column through (evaluation needs it)."""
 

@@ -53,7 +53,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"tower_lr": 5e-4, "head_lr": 1e-3, "weight_decay": 0.05},
         "data": {"batch_size": 64},
         "train": {"epochs": 8, "output_dir": "runs/demo"},
+        "daph": {"proxy_epochs": 8},
     },
+    # The built-in feature dataset (dcgh_dist.data.demo_features): feature towers follow from its
+    # dataset.json; 32 bits as the feature benchmarks are usually reported.
+    "demo-features": {"model": {"bits": 32}, "train": {"output_dir": "runs/demo-features"}},
     # The benchmark datasets train with the authors' defaults (config.py); only the run
     # directory is per dataset, so runs on different datasets do not overwrite each other.
     **{name: {"train": {"output_dir": f"runs/{name}"}} for name in DATASET_PRESETS},
@@ -102,13 +106,17 @@ def preset_path(name: str, data_root: str | None = None) -> str:
 
 def resolve_dataset(data: "DataConfig") -> str:
     """What every job's ``--dataset`` means: ``demo`` (generated on first use, from
-    ``data.demo_size``/``demo_seed``), a preset name (prepared under the data root), a local
+    ``data.demo_size``/``demo_seed``), ``demo-features`` (generated, from ``demo_seed``), a preset name (prepared under the data root), a local
     directory, or an ``s3://`` URI. Checked here, before any cluster starts."""
     name = data.dataset
     if name == "demo":
         from dcgh_dist.data.demo import ensure_demo_dataset
 
         return ensure_demo_dataset(data.demo_size, data.demo_seed, data.data_root)
+    if name == "demo-features":
+        from dcgh_dist.data.demo import ensure_features_demo
+
+        return ensure_features_demo(data.demo_seed, data.data_root)
     if name.startswith("s3://") or os.path.isdir(name):
         return name
     if name in DATASET_PRESETS:
@@ -116,6 +124,6 @@ def resolve_dataset(data: "DataConfig") -> str:
     if os.path.exists(name):
         raise ValueError(f"dataset {name!r} is a file; give the dataset's directory (with dataset.json)")
     raise ValueError(
-        f"dataset {name!r} is neither 'demo', a known preset ({sorted(DATASET_PRESETS)}), "
+        f"dataset {name!r} is neither 'demo', 'demo-features', a known preset ({sorted(DATASET_PRESETS)}), "
         "an existing directory nor an s3:// URI"
     )

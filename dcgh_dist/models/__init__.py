@@ -25,7 +25,41 @@ __all__ = [
     "HashHead",
     "build_model",
     "list_clip_presets",
+    "resolve_family",
 ]
+
+
+def dataset_family(info) -> str:
+    """The tower family a dataset's columns call for: feature vectors -> ``features``, encoded
+    images and raw captions -> ``clip``. A dataset mixing the two has no family."""
+    kinds = (info.image_column == "image_features", info.text_column == "text_features")
+    if kinds == (True, True):
+        return "features"
+    if kinds == (False, False):
+        return "clip"
+    raise ValueError(
+        f"dataset {info.name!r} has columns {info.image_column!r} and {info.text_column!r}: a model "
+        "takes either both raw modalities (image, text) or both feature vectors "
+        "(image_features, text_features); see docs/DATASET_FORMAT.md"
+    )
+
+
+def resolve_family(cfg: ModelConfig, info) -> ModelConfig:
+    """``model.family`` resolved against the dataset: ``auto`` follows ``dataset.json``; an
+    explicit family that cannot read the dataset's columns is an error naming what to set."""
+    import dataclasses
+
+    wanted = dataset_family(info)
+    if cfg.family == "auto":
+        return dataclasses.replace(cfg, family=wanted)
+    if cfg.family != wanted:
+        cols = f"{info.image_column!r} and {info.text_column!r}"
+        raise ValueError(
+            f"model.family={cfg.family} does not fit dataset {info.name!r}, whose dataset.json "
+            f"declares columns {cols}: that needs model.family={wanted} (or leave model.family "
+            "unset: 'auto' follows the dataset)"
+        )
+    return cfg
 
 
 def build_model(
@@ -41,9 +75,13 @@ def build_model(
     For ``family="clip"`` with ``pretrained`` set, the towers are loaded from a local Hugging Face
     CLIP directory or an OpenAI-format ``.pt`` file; the preset's sizes are then ignored.
     ``clip_architecture`` (``{"vision": ..., "text": ...}`` transformers config dicts, as saved in
-    checkpoints) rebuilds an exact architecture with random weights.
+    checkpoints) rebuilds an exact architecture with random weights. ``family="auto"`` follows
+    the inputs given: feature sizes mean feature towers.
     """
-    if cfg.family == "clip":
+    family = cfg.family
+    if family == "auto":
+        family = "features" if image_feature_dim and text_feature_dim else "clip"
+    if family == "clip":
         if clip_architecture:
             image_tower, text_tower = clip_towers_from_configs(
                 clip_architecture["vision"], clip_architecture["text"]
@@ -62,7 +100,7 @@ def build_model(
                 f"{text_tower.max_positions} positions"
             )
         model = CrossModalHasher(image_tower, text_tower, cfg.bits, cfg.hash_dropout)
-    elif cfg.family == "features":
+    elif family == "features":
         if not image_feature_dim or not text_feature_dim:
             raise ValueError(
                 "model.family='features' needs a dataset with image_features and text_features "

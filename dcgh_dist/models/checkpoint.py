@@ -13,6 +13,7 @@ Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,6 +43,14 @@ class CheckpointMeta:
     # CLIP tower configs (transformers dicts): rebuild the exact architecture, whatever preset
     # or pretrained file it came from.
     architecture: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # A checkpoint names the towers it holds: "auto" is resolved against its dataset here, so
+        # every reader (encoding, serving, resume checks) sees clip or features.
+        if self.config.model.family == "auto":
+            from dcgh_dist.models import resolve_family
+
+            self.config = dataclasses.replace(self.config, model=resolve_family(self.config.model, self.dataset_info))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -238,6 +247,11 @@ def build_model_for(meta: CheckpointMeta):
     from dcgh_dist.models import build_model
 
     info = meta.dataset_info
+    if meta.config.train.method == "daph" and meta.config.daph.stage == "1":
+        raise CheckpointError(
+            "a DAPH stage-1 checkpoint (the label-conditioned proxy nets) cannot encode queries: "
+            "use the stage-2 checkpoint (<output>/checkpoint of `jobs/train.py --method daph`)"
+        )
     # The towers' weights are in model.pt: never re-read the original pretrained file.
     model_cfg = replace(meta.config.model, pretrained=None)
     return build_model(

@@ -1,16 +1,23 @@
 """``train_loop_per_worker``: what every Ray Train worker runs.
 
-The loop is the only place that knows about Ray Train; the model and the loss do not. Per
-micro-batch: forward both towers through the engine (DDP or DeepSpeed), gather codes and labels
-from all workers (``dcgh_dist.distributed``), compute the pure DCGH loss with global
-normalisation, backward, and at accumulation boundaries step the engine (clip, AdamW, schedule)
-and the proxies' own SGD. Rank 0 evaluates on ``val`` (never ``query``) after each epoch.
+The loop is the only place that knows about Ray Train; the models and the losses do not. Per
+micro-batch: forward through the engine (DDP or DeepSpeed), the method's loss with global
+normalisation (``train/objectives.py``: DCGH, DAPH stage 1 or 2, each gathering what it needs
+from all workers through ``dcgh_dist.distributed``), backward, and at accumulation boundaries
+step the engine (clip, AdamW, schedule) and the objective's own state (DCGH's proxies and their
+SGD). Rank 0 evaluates on ``val`` (never ``query``) after each epoch and decides, from the
+history, whether val mAP has stopped improving (``train.patience``); every rank stops together.
+
+The training split either streams from Ray Data every epoch or, when it is small, comes from the
+object store (``data.cache_bytes``): then each epoch is a fresh global permutation, sharded so
+that N workers see exactly the global batches of one process.
 
 Checkpoints are reported after every epoch and, with ``train.checkpoint_every_steps``, inside
 epochs too. They record the data position (epoch and micro-step within it); a resumed run
 (``--resume`` or a Ray Train restart after a worker died) continues from there, so the number of
 steps, the schedule and the epoch count are exactly those of an uninterrupted run. Inside the
-interrupted epoch the remaining steps draw from a fresh shuffle of that epoch's data.
+interrupted epoch a streamed split draws the remaining steps from a fresh shuffle of that epoch's
+data; a cached one continues with the very rows it would have seen.
 """
 
 from __future__ import annotations
@@ -27,9 +34,7 @@ import torch
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DatasetInfo
-from dcgh_dist.distributed import all_reduce_grads, distributed_dcgh_loss
-from dcgh_dist.losses import ClassProxies
-from dcgh_dist.models import build_model
+from dcgh_dist.metrics import validation_metrics
 from dcgh_dist.models.checkpoint import (
     CheckpointMeta,
     architecture_of,
@@ -38,6 +43,7 @@ from dcgh_dist.models.checkpoint import (
     save_checkpoint,
 )
 from dcgh_dist.train.engine import build_engine
+from dcgh_dist.train.objectives import build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +59,6 @@ def encode_batches(model, batches) -> dict[str, np.ndarray]:
         out["text_codes"].append(enc.relaxed("text", b[model.text_key]))
         out["labels"].append(b["labels"].float().cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
-
-
-def validation_metrics(codes: dict[str, np.ndarray]) -> dict[str, float]:
-    """val-vs-val mAP (both directions): cheap, and keeps model selection off the query split."""
-    from dcgh_dist.metrics import mean_average_precision
-
-    if len(codes["labels"]) < 2:
-        return {}
-    i2t = mean_average_precision(codes["image_codes"], codes["text_codes"], codes["labels"], codes["labels"])
-    t2i = mean_average_precision(codes["text_codes"], codes["image_codes"], codes["labels"], codes["labels"])
-    return {"val_map_i2t": i2t, "val_map_t2i": t2i, "val_map": (i2t + t2i) / 2}
 
 
 def _setup_logging() -> None:
@@ -100,12 +95,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "this worker's %d-row shard)", shuffle_buffer, cfg.data.shuffle_buffer, shard_rows)
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker, and for the untrained baseline
-    model = build_model(
-        cfg.model, image_feature_dim=info.image_feature_dim, text_feature_dim=info.text_feature_dim
-    )
+    anchors = loop_config.get("anchors")
+    if anchors is not None:
+        import ray
+
+        anchors = ray.get(anchors)  # DAPH stage 2: the frozen stage-1 codes, zero-copy
+    objective = build_objective(loop_config.get("objective", "dcgh"), cfg, info, anchors)
+    model = objective.build_model()
     arch = architecture_of(model)
-    proxies = ClassProxies(info.num_classes, cfg.model.bits, cfg.loss.proxy_seed)
-    proxy_opt = proxies.make_optimizer(cfg.loss)
 
     start_epoch, start_micro, global_step, history, resume_dir = 0, 0, 0, [], None
     ckpt = ray.train.get_checkpoint() or loop_config.get("resume_checkpoint")
@@ -113,7 +110,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resume_dir = ckpt.to_directory()  # a local copy every rank can read
         meta = read_meta(resume_dir)
         model.load_state_dict(load_state(resume_dir, "model.pt"))
-        proxies.load_state_dict(load_state(resume_dir, "proxies.pt"))
         start_epoch, start_micro = meta.epoch, meta.step_in_epoch
         global_step, history = meta.global_step, meta.history
         if rank == 0:
@@ -124,18 +120,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resumed_from_step = global_step if ckpt else None
 
     engine = build_engine(model, cfg, total_opt_steps, world)
-    proxies.to(device)
+    objective.to(device)
     if resume_dir:
         ts = load_state(resume_dir, "train_state.pt")
         engine.load(resume_dir, ts.get("engine"))
-        proxy_opt.load_state_dict(ts["proxy_optimizer"])
+        objective.load(load_state(resume_dir, "proxies.pt"), ts)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if rank == 0 and loop_config.get("has_val") else None
+    cached = loop_config.get("cached")
+    has_val = loop_config.get("has_val")
+    if cached:
+        import ray
+
+        train_rows = ray.get(cached["train"])  # zero-copy views into the node's object store
+        train_shard = None
+        val_cache = (list(array_batches(ray.get(cached["val"]), 256)) if rank == 0 and has_val else None)
+        val_shard = None
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val") if rank == 0 and has_val else None
+        val_cache = None
     # A small val set is kept in memory after its first pass instead of re-running its pipeline
     # every epoch (seconds of start-up each time); a large one streams.
     cache_val = loop_config.get("val_rows", 0) <= 4096
-    val_cache: list | None = None
 
     def report(epoch: int, micro: int, metrics: dict[str, Any]) -> None:
         """Every rank takes part (DeepSpeed saves partitions; ZeRO-3 export gathers)."""
@@ -146,22 +152,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 meta = CheckpointMeta(cfg, info, epoch=epoch, global_step=global_step,
                                       step_in_epoch=micro, metrics=metrics, history=list(history),
                                       architecture=arch)
-                save_checkpoint(
-                    d, weights, {k: v.cpu() for k, v in proxies.state_dict().items()}, meta,
-                    {"engine": engine.state_for_checkpoint(), "proxy_optimizer": proxy_opt.state_dict()},
-                )
+                save_checkpoint(d, weights, objective.extra_state(), meta,
+                                {"engine": engine.state_for_checkpoint(), **objective.extra_train_state()})
             has_files = rank == 0 or cfg.train.engine == "deepspeed"
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
 
+    last_epoch_end = None
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.module.train()
         first = start_micro if epoch == start_epoch else 0
         t0, n_pairs, sums, n_micro = time.perf_counter(), 0, {}, 0
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size,
-            drop_last=True,  # equal batches on every worker keep the collectives in lock-step
-            local_shuffle_buffer_size=shuffle_buffer,
-        )
+        if train_shard is None:
+            batches = epoch_batches(train_rows, seed=cfg.train.seed, epoch=epoch, rank=rank, world=world,
+                                    batch_size=cfg.data.batch_size, steps=steps_per_epoch, first=first)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=cfg.data.batch_size,
+                drop_last=True,  # equal batches on every worker keep the collectives in lock-step
+                local_shuffle_buffer_size=shuffle_buffer,
+            )
         micro, data_wait, first_batch_wait = first, 0.0, None
         batch_iter = iter(batches)
         while True:
@@ -179,42 +188,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break  # uneven shards: every worker runs exactly steps_per_epoch micro-steps
             batch = {k: v.to(device) for k, v in batch.items()}
             codes = engine.forward(batch)
-            loss, logged = distributed_dcgh_loss(
-                codes["image_codes"], codes["text_codes"], batch["labels"], proxies(), cfg.loss
-            )
+            loss, logged = objective.loss(codes, batch)
             engine.backward(loss)
             micro += 1
             n_micro += 1
             n_pairs += batch["labels"].shape[0] * world
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if engine.step():  # an optimizer step happened: the proxies step with it
-                scale = engine.grad_scale()  # fp16 loss scaling reached the proxies too
-                if scale != 1.0:
-                    for p in proxies.parameters():
-                        if p.grad is not None:
-                            p.grad.div_(scale)
-                all_reduce_grads(proxies.parameters())
-                proxy_opt.step()
-                proxy_opt.zero_grad(set_to_none=True)
+            if engine.step():  # an optimizer step happened: the objective's own state steps with it
+                objective.after_step(engine.grad_scale())
                 global_step += 1
                 if rank == 0 and (global_step % cfg.train.log_every == 0 or micro == first + accum):
                     logger.info(
-                        "epoch %d/%d step %d/%d loss %.4f (proxy %.4f pos %.4f neg %.4f var %.4f) lr %.2e %.1f pairs/s",
+                        "epoch %d/%d step %d/%d loss %.4f (%s) lr %.2e %.1f pairs/s",
                         epoch + 1, cfg.train.epochs, micro, steps_per_epoch, logged["total"],
-                        logged["proxy"], logged["pairwise_pos"], logged["pairwise_neg"],
-                        logged["variance"], engine.lr(), n_pairs / max(time.perf_counter() - t0, 1e-9),
+                        " ".join(f"{k} {logged[k]:.4f}" for k in objective.log_terms if k in logged),
+                        engine.lr(), n_pairs / max(time.perf_counter() - t0, 1e-9),
                     )
                 every = cfg.train.checkpoint_every_steps
                 if every and global_step % every == 0 and micro < steps_per_epoch:
                     # val_map NaN: Ray keeps it while it is the latest, never ranks it "best"
                     report(epoch, micro, {"epoch": epoch, "global_step": global_step, "val_map": math.nan})
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed = now - t0
+        # What a user waits per epoch: also the previous epoch's validation and report
+        wall, last_epoch_end = now - (last_epoch_end if last_epoch_end is not None else t0), now
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "global_step": global_step,
             "pairs_per_s": n_pairs / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
+            "epoch_wall_seconds": wall,
             "data_wait_share": data_wait / max(elapsed, 1e-9),  # this worker's (rank 0's) share
             "first_batch_seconds": first_batch_wait or 0.0,
             "lr_heads": engine.lr(),
@@ -222,13 +226,73 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if resumed_from_step is not None:
             metrics["resumed_from_step"], resumed_from_step = resumed_from_step, None
-        if rank == 0 and val_shard is not None:
+        if rank == 0 and (val_shard is not None or val_cache is not None):
             val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
             if cache_val and val_cache is None:
                 val_batches = val_cache = list(val_batches)
             metrics.update(validation_metrics(encode_batches(engine.module, val_batches)))
+        stop = False
         if rank == 0:
             history.append(metrics)
+            stop = patience_exhausted(history, cfg.train.patience) if has_val else False
+            if stop:
+                metrics["stopped_early"] = True
             logger.info("epoch %d done: %s", epoch + 1, json.dumps(
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        stop = _broadcast_flag(stop, device) if world > 1 else stop
         report(epoch + 1, 0, metrics)
+        if stop:
+            best = best_val_epoch(history)
+            if rank == 0:
+                logger.info("val mAP has not improved for %d evaluations (best %.4f after epoch %d): "
+                            "stopping after epoch %d of at most %d", cfg.train.patience,
+                            history[best - 1]["val_map"], best, epoch + 1, cfg.train.epochs)
+            break
+
+
+def best_val_epoch(history: list[dict[str, Any]]) -> int:
+    """The (1-based) epoch of the best val mAP; the earliest wins a tie (a tie is no improvement)."""
+    scored = [(h["val_map"], -h["epoch"]) for h in history if isinstance(h.get("val_map"), float)
+              and not math.isnan(h["val_map"])]
+    return -max(scored)[1] if scored else 0
+
+
+def patience_exhausted(history: list[dict[str, Any]], patience: int) -> bool:
+    """True once the last ``patience`` evaluations brought no val mAP above the best before them."""
+    if patience <= 0:
+        return False
+    best = best_val_epoch(history)
+    return bool(best) and history[-1]["epoch"] - best >= patience
+
+
+def _broadcast_flag(flag: bool, device) -> bool:
+    """Rank 0's decision on every rank, so all workers leave the loop after the same epoch."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def array_batches(rows: dict[str, np.ndarray], batch_size: int):
+    """Consecutive batches of in-memory columns as tensors (a cached val split)."""
+    n = len(rows["labels"])
+    for i in range(0, n, batch_size):
+        yield {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size])) for k, v in rows.items()}
+
+
+def epoch_batches(rows: dict[str, np.ndarray], *, seed: int, epoch: int, rank: int, world: int,
+                  batch_size: int, steps: int, first: int = 0):
+    """This worker's batches of one epoch over a split held in memory.
+
+    Every epoch draws a fresh permutation of all rows (the same on every worker: seeded by the run
+    seed and the epoch); global batch t is rows ``perm[t*W*B:(t+1)*W*B]`` and worker r takes the
+    r-th B of them. So N workers x B see exactly the global batches of one process x N*B, and a
+    resumed epoch (``first`` micro-steps done) continues with the very rows it would have seen.
+    """
+    n = len(rows["labels"])
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_step = world * batch_size
+    for step in range(first, steps):
+        idx = perm[step * per_step + rank * batch_size: step * per_step + (rank + 1) * batch_size]
+        yield {k: torch.from_numpy(v[idx]) for k, v in rows.items()}

@@ -7,6 +7,7 @@ started, bound to 127.0.0.1) and inside ``ray job submit`` on a real cluster (it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ def steps_per_epoch(train_rows: int, batch_size: int, num_workers: int) -> int:
 class RunPlan:
     """Everything about a run that can be checked before Ray starts."""
 
+    cfg: Config  # the config the run uses: the user's, with model.family resolved against the data
     uri: str
     scan: DatasetScan
     steps_per_epoch: int
@@ -51,6 +53,8 @@ class RunPlan:
     storage: str
     run_name: str
     resume_ckpt: Any = None  # ray.train.Checkpoint of the run to continue
+    cache_train: bool = False  # keep the preprocessed train (and val) split in the object store
+    cache_reason: str = ""
 
     @property
     def run_dir(self) -> str:
@@ -60,8 +64,14 @@ class RunPlan:
 def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
     """Resolve and validate the dataset, choose the run directory, check a resume: every mistake
     a user can make surfaces here, in seconds, not after a Ray start or an hour of training."""
+    from dcgh_dist.models import resolve_family
+
     uri = resolve_dataset(cfg.data)
     scan = scan_dataset(uri, cfg.data.s3_endpoint)
+    try:
+        cfg = dataclasses.replace(cfg, model=resolve_family(cfg.model, scan.info))
+    except ValueError as e:
+        raise ValueError(f"{uri}: {e}") from e
     n_train = scan.split_counts["train"]
     spe = steps_per_epoch(n_train, cfg.data.batch_size, cfg.train.num_workers)
     if spe < 1:
@@ -80,7 +90,8 @@ def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
     output_dir = os.path.abspath(cfg.train.output_dir)
     storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
     name = choose_run_name(cfg, output_dir, storage, resume=resume, dataset=uri)
-    plan = RunPlan(uri, scan, spe, has_val, output_dir, storage, name)
+    plan = RunPlan(cfg, uri, scan, spe, has_val, output_dir, storage, name)
+    plan.cache_train, plan.cache_reason = cache_decision(cfg, scan.info, n_train + scan.split_counts["val"])
     if resume:
         plan.resume_ckpt = latest_checkpoint(plan.run_dir, cfg)
         if plan.resume_ckpt is None:
@@ -96,6 +107,32 @@ def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
             "choose another train.run_name (leave it unset for a new name per run)"
         )
     return plan
+
+
+def preprocessed_row_bytes(cfg: Config, info) -> int:
+    """Bytes one preprocessed row takes in memory (what BatchPreprocessor emits)."""
+    from dcgh_dist.data.pipeline import image_size_for
+
+    image = (info.image_feature_dim or 0) * 4 if info.image_column == "image_features" else 3 * image_size_for(cfg) ** 2 * 4
+    text = (info.text_feature_dim or 0) * 4 if info.text_column == "text_features" else cfg.model.context_length * 8
+    return 8 + 4 * info.num_classes + image + text
+
+
+def cache_decision(cfg: Config, info, rows: int) -> tuple[bool, str]:
+    """Whether the train (and val) rows are read once into the object store, and why (logged).
+
+    Streaming pays the pipeline's start-up (a second or more) every epoch, which dominates the
+    epochs of a small dataset; a cached split pays it once. Per-epoch image augmentation needs
+    the pipeline every epoch, and a split over the budget must stream."""
+    need = rows * preprocessed_row_bytes(cfg, info)
+    size = f"{need / 2**20:.1f} MiB preprocessed"
+    if cfg.data.cache_bytes == 0:
+        return False, f"streaming: data.cache_bytes=0 ({size})"
+    if info.image_column == "image" and cfg.data.augment:
+        return False, f"streaming: images are augmented afresh every epoch (data.augment=true; {size})"
+    if need > cfg.data.cache_bytes:
+        return False, f"streaming: {size} > data.cache_bytes={cfg.data.cache_bytes / 2**20:.0f} MiB"
+    return True, f"cached in the object store: {size} <= data.cache_bytes={cfg.data.cache_bytes / 2**20:.0f} MiB"
 
 
 def check_resumable(ckpt, cfg: Config, info) -> None:
@@ -120,7 +157,10 @@ def check_resumable(ckpt, cfg: Config, info) -> None:
         )
 
 
-def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = None) -> TrainOutcome:
+def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = None,
+                 objective: str = "dcgh", anchors: Any = None) -> TrainOutcome:
+    """Train with ``objective`` (``train/objectives.py``: dcgh, daph-proxy, daph-hash; the last
+    with ``anchors``, an ObjectRef of DAPH's proxy codes) and export the selected checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -131,6 +171,7 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
     from dcgh_dist.ray_session import quiet_progress
 
     plan = plan or plan_run(cfg, resume=resume)
+    cfg = plan.cfg
     quiet_progress()
     uri, scan, spe, has_val, storage = plan.uri, plan.scan, plan.steps_per_epoch, plan.has_val, plan.storage
     info = scan.info
@@ -139,12 +180,26 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         cfg.train.epochs, plan.run_dir,
     )
 
-    datasets = {
-        "train": read_split(uri, info, cfg, ["train"], augment=cfg.data.augment, shuffle_files=True,
-                            files=scan.files),
-    }
-    if has_val:
-        datasets["val"] = read_split(uri, info, cfg, ["val"], files=scan.files)
+    logger.info("train split %s", plan.cache_reason)
+    datasets, cached = {}, None
+    if plan.cache_train:
+        import ray
+
+        from dcgh_dist.data.pipeline import collect
+
+        # One pipeline run for the whole training: the workers read these arrays zero-copy from
+        # the object store and draw each epoch's order from them (train/loop.py).
+        t0 = time.perf_counter()
+        cached = {"train": ray.put(collect(read_split(uri, info, cfg, ["train"], files=scan.files)))}
+        if has_val:
+            cached["val"] = ray.put(collect(read_split(uri, info, cfg, ["val"], files=scan.files)))
+        logger.info("read %s into the object store in %.1f s", "train and val" if has_val else "train",
+                    time.perf_counter() - t0)
+    else:
+        datasets["train"] = read_split(uri, info, cfg, ["train"], augment=cfg.data.augment,
+                                       shuffle_files=True, files=scan.files)
+        if has_val:
+            datasets["val"] = read_split(uri, info, cfg, ["val"], files=scan.files)
 
     output_dir = plan.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -174,6 +229,9 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
             # Ray Train v2 restores the latest checkpoint of a run directory it finds by itself;
             # this is the fallback for a directory without its snapshot (e.g. copied elsewhere).
             "resume_checkpoint": resume_ckpt,
+            "cached": cached,
+            "objective": objective,
+            "anchors": anchors,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -185,9 +243,18 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         torch_config=NodeBoundTorchConfig(),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
     )
-    result = trainer.fit()
+    # Read by the controller, which Ray Train starts with the driver's RAY_TRAIN_* variables;
+    # set for this fit only, and never over a value the user exported.
+    exported = REPORT_INTERVAL_ENV in os.environ
+    if not exported:
+        os.environ[REPORT_INTERVAL_ENV] = str(cfg.train.report_interval_s)
+    try:
+        result = trainer.fit()
+    finally:
+        if not exported:
+            os.environ.pop(REPORT_INTERVAL_ENV, None)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
 
@@ -205,6 +272,9 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         with result.checkpoint.as_directory() as d:
             history = read_meta(d).history
     return TrainOutcome(dest, history, meta.epoch, uri, scan)
+
+
+REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def _select_checkpoint(result, has_val: bool):

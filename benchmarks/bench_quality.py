@@ -1,0 +1,77 @@
+"""Retrieval quality of the plain command over seeds: trained, untrained and linear baseline.
+
+Runs ``jobs/train.py --dataset D`` (nothing else set but the seed and the output directory) for
+each seed, on one local Ray cluster, and prints mean +- standard deviation over the seeds of the
+whole-database mAP in both directions, for the trained model, the untrained one and (feature
+datasets) the linear hashing baseline, with the trained / linear ratio and where training stopped.
+
+    python benchmarks/bench_quality.py --dataset demo-features --seeds 0 1 2
+    python benchmarks/bench_quality.py --dataset demo --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "jobs"))
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="demo-features")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("overrides", nargs="*", help="extra section.key=value settings (none: the plain command)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import torch  # noqa: F401
+
+    import train as train_job  # jobs/train.py
+
+    from dcgh_dist.ray_session import ray_session
+
+    work = tempfile.mkdtemp(prefix="bench-quality-")
+    runs = []
+    with ray_session(None, num_cpus=max(4, os.cpu_count() or 1)):
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            r = train_job.main(["--dataset", args.dataset, "--output-dir", os.path.join(work, f"seed{seed}"),
+                                f"train.seed={seed}", *args.overrides])
+            r["wall"] = time.perf_counter() - t0
+            runs.append(r)
+
+    print(f"\nmachine: {machine()}")
+    print(f"`jobs/train.py --dataset {args.dataset} {' '.join(args.overrides)}`, seeds {args.seeds}; "
+          "mean ± std over seeds\n")
+    has_linear = all(r.get("linear") for r in runs)
+    head = "| direction | trained | untrained |" + (" linear | trained / linear |" if has_linear else "")
+    print(head)
+    print("|---|---|---|" + ("---|---|" if has_linear else ""))
+    for key, name in (("map_i2t", "mAP image→text"), ("map_t2i", "mAP text→image")):
+        cells = [spread([r[key] for r in runs]), spread([r["untrained"][key] for r in runs])]
+        if has_linear:
+            cells += [spread([r["linear"][key] for r in runs]),
+                      spread([r[key] / r["linear"][key] for r in runs])]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    for seed, r in zip(args.seeds, runs):
+        print(f"seed {seed}: best val epoch {r['best_val_epoch']}, {r['epochs_run']} epochs run"
+              f"{' (stopped early)' if r['stopped_early'] else ''}, {r['wall']:.0f} s; {r['train_data']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""DAPH's two stages on the one training path (``jobs/train.py --method daph --stage 1|2|all``).
+
+Stage 1 trains the label-conditioned proxy nets and the class net (``objectives.DAPHProxyObjective``)
+for ``daph.proxy_epochs`` epochs in ``<output>/stage1/``, then writes the **proxy codes**: for every
+training row its image-aware and text-aware codes (sign of the nets' outputs, in eval mode unless
+``daph.proxy_codes_train_mode``), its labels, and the class codes, as one ``.npz`` of plain arrays
+(loaded with ``allow_pickle=False``: never a pickle) whose ``meta`` entry records the format, the
+config and the dataset's fingerprint (``DatasetScan.fingerprint``: ids, splits and labels).
+
+Stage 2 refuses proxy codes made from another dataset (or for another bit length or class count),
+then trains the project's own label-free hasher against them (``objectives.DAPHHashObjective``):
+its checkpoint is an ordinary one, so evaluation, encoding, indexes and the Serve app take it
+unchanged. The codes are ``ray.put`` once and read zero-copy by every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from dcgh_dist.config import Config
+
+logger = logging.getLogger(__name__)
+
+PROXY_CODES_FORMAT = "dcgh-dist/daph-proxy-codes/1"
+PROXY_CODES_FILE = "daph_proxy_codes.npz"
+STAGE1_DIR = "stage1"
+
+
+def proxy_codes_path(cfg: Config) -> str:
+    return cfg.daph.proxy_codes or os.path.join(os.path.abspath(cfg.train.output_dir), PROXY_CODES_FILE)
+
+
+def stage1_config(cfg: Config) -> Config:
+    """The stage-1 run: its own output directory and run name, a fixed epoch count, no val
+    selection (its nets need labels, so val mAP would measure nothing)."""
+    t = cfg.train
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        t, epochs=cfg.daph.proxy_epochs, select_on_val=False, patience=0,
+        output_dir=os.path.join(os.path.abspath(t.output_dir), STAGE1_DIR),
+        run_name=f"{t.run_name}-stage1" if t.run_name else None,
+    ), daph=dataclasses.replace(cfg.daph, stage="1"))
+
+
+# -- the artifact -----------------------------------------------------------------------------
+
+
+def _signs(x: np.ndarray) -> np.ndarray:
+    """+-1 as int8; an exact 0 (measure zero for real outputs) maps to +1, as the metrics' binarisation does."""
+    return np.where(np.asarray(x) >= 0, 1, -1).astype(np.int8)
+
+
+def write_proxy_codes(path: str, codes: dict[str, np.ndarray], cfg: Config, fingerprint: str) -> None:
+    from dcgh_dist.storage import resolve_filesystem, write_bytes_atomic
+
+    meta = {"format": PROXY_CODES_FORMAT, "dataset_fingerprint": fingerprint, "bits": cfg.model.bits,
+            "num_classes": int(codes["labels"].shape[1]), "rows": int(len(codes["id"])),
+            "train_mode": cfg.daph.proxy_codes_train_mode, "config": cfg.to_dict()}
+    buf = io.BytesIO()
+    np.savez(buf, id=codes["id"].astype(np.int64), image_codes=_signs(codes["image_codes"]),
+             text_codes=_signs(codes["text_codes"]), labels=codes["labels"].astype(np.uint8),
+             class_codes=_signs(codes["class_codes"]), meta=np.array(json.dumps(meta)))
+    fs, p = resolve_filesystem(path, cfg.data.s3_endpoint)
+    write_bytes_atomic(fs, p, buf.getvalue())
+
+
+def read_proxy_codes(path: str, cfg: Config, fingerprint: str, num_classes: int) -> dict[str, Any]:
+    """The arrays and meta of a proxy-code file, checked against the dataset and model at hand."""
+    from dcgh_dist.storage import exists, read_bytes, resolve_filesystem
+
+    fs, p = resolve_filesystem(path, cfg.data.s3_endpoint)
+    if not exists(fs, p):
+        raise FileNotFoundError(
+            f"{path}: no DAPH proxy codes; run stage 1 first (`--method daph --stage 1`, or `--stage all`), "
+            "or point daph.proxy_codes at them"
+        )
+    try:
+        with np.load(io.BytesIO(read_bytes(fs, p)), allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+        meta = json.loads(str(out.pop("meta")))
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a DAPH proxy-code file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != PROXY_CODES_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {PROXY_CODES_FORMAT!r}")
+    if meta["dataset_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path}: these proxy codes were made from another dataset (fingerprint "
+            f"{meta['dataset_fingerprint']}, this one is {fingerprint}: its ids, splits or labels "
+            "differ); re-run stage 1 on this dataset"
+        )
+    if meta["bits"] != cfg.model.bits or meta["num_classes"] != num_classes:
+        raise ValueError(
+            f"{path}: proxy codes of {meta['bits']} bits and {meta['num_classes']} classes; this run "
+            f"has model.bits={cfg.model.bits} and {num_classes} classes"
+        )
+    out["meta"] = meta
+    return out
+
+
+# -- stage 1: export and statistics -----------------------------------------------------------
+
+
+class ProxyCodeBatches:
+    """Ray Data actor: preprocessed training rows -> their stage-1 image and text codes."""
+
+    def __init__(self, files: dict[str, bytes], train_mode: bool):
+        import ray
+
+        files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+        self.model, _ = load_proxy_nets(files)
+        self.model.train(train_mode)  # the reference writes its codes with dropout on
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()
+                 if k in (self.model.image_key, self.model.text_key, "labels")}
+            labels = t["labels"]
+            image = self.model.image(t[self.model.image_key], labels)
+            text = self.model.text(t[self.model.text_key], labels)
+        return {"id": batch["id"], "labels": batch["labels"], "image_codes": image.numpy(),
+                "text_codes": text.numpy()}
+
+
+def load_proxy_nets(files: dict[str, bytes]):
+    """(stage-1 nets, meta) from a stage-1 checkpoint's bytes, weights verified."""
+    import torch
+
+    from dcgh_dist.models.checkpoint import _load_bytes, _parse_meta, check_fingerprint
+    from dcgh_dist.models.daph import build_daph_proxy_nets
+
+    where = files.get("where", b"checkpoint").decode()
+    meta = _parse_meta(files["meta.json"].decode(), f"{where}/meta.json")
+    state = _load_bytes(files["model.pt"], f"{where}/model.pt")
+    check_fingerprint(state, meta, where)
+    info = meta.dataset_info
+    torch.manual_seed(0)
+    nets = build_daph_proxy_nets(dataclasses.replace(meta.config.model, pretrained=None), info.num_classes,
+                                 image_feature_dim=info.image_feature_dim, text_feature_dim=info.text_feature_dim,
+                                 clip_architecture=meta.architecture or None)
+    nets.load_state_dict(state)
+    return nets.eval(), meta
+
+
+def export_proxy_codes(uri: str, info, cfg: Config, checkpoint_dir: str, files) -> dict[str, np.ndarray]:
+    """Codes of every training row (in id order) and the class codes, from the stage-1 checkpoint."""
+    import ray
+    import ray.data
+    import torch
+
+    from dcgh_dist.data.pipeline import collect, read_split
+    from dcgh_dist.models.checkpoint import read_checkpoint_files
+
+    ckpt = read_checkpoint_files(checkpoint_dir, cfg.data.s3_endpoint)
+    ds = read_split(uri, info, cfg, ["train"], files=files).map_batches(
+        ProxyCodeBatches, fn_constructor_args=(ray.put(ckpt), cfg.daph.proxy_codes_train_mode),
+        batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        num_gpus=1 if cfg.train.use_gpu else 0,
+    )
+    out = collect(ds)
+    order = np.argsort(out["id"], kind="stable")
+    out = {k: v[order] for k, v in out.items()}
+    nets, _ = load_proxy_nets(ckpt)
+    nets.train(cfg.daph.proxy_codes_train_mode)
+    with torch.no_grad():
+        out["class_codes"] = nets.classes().numpy()
+    return out
+
+
+def proxy_code_stats(codes: dict[str, np.ndarray], seed: int = 0, queries: int = 1000) -> dict[str, float]:
+    """What DAPH.md §5 reports of the authors' NUS-WIDE 32-bit proxy codes, for comparison: bit
+    balance, image/text agreement, Hamming distance to own and other class codes, and retrieval
+    with the proxy codes themselves on the training set (``queries`` random queries, all rows)."""
+    from dcgh_dist.metrics import mean_average_precision
+
+    img, txt = _signs(codes["image_codes"]).astype(np.float64), _signs(codes["text_codes"]).astype(np.float64)
+    cls = _signs(codes["class_codes"]).astype(np.float64)
+    labels = np.asarray(codes["labels"], dtype=np.float64)
+    k = img.shape[1]
+    own = labels.astype(bool)
+    out: dict[str, float] = {"rows": float(len(img)), "bits": float(k)}
+    for name, x in (("image", img), ("text", txt)):
+        bit_means = np.abs(x.mean(0))
+        dist = (k - x @ cls.T) / 2  # (N, C) Hamming distance to every class code
+        out[f"{name}_bit_balance_mean"] = float(bit_means.mean())
+        out[f"{name}_bit_balance_max"] = float(bit_means.max())
+        out[f"{name}_to_own_class"] = float(dist[own].mean())
+        out[f"{name}_to_other_classes"] = float(dist[~own].mean()) if (~own).any() else float("nan")
+        single = own.sum(1) == 1
+        if single.any():
+            out[f"{name}_nearest_class_is_own"] = float((dist[single].argmin(1) == own[single].argmax(1)).mean())
+        out[f"{name}_distinct_codes"] = float(len(np.unique(x, axis=0)))
+    out["image_text_bit_agreement"] = float((img == txt).mean())
+    q = np.random.default_rng(seed).choice(len(img), size=min(queries, len(img)), replace=False)
+    out["proxy_map_i2t"] = mean_average_precision(img[q], txt, labels[q], labels)
+    out["proxy_map_t2i"] = mean_average_precision(txt[q], img, labels[q], labels)
+    pair = lambda a, b: (k - a @ b.T) / 2  # noqa: E731
+    same = labels[q] @ labels.T
+    identical = (same == labels[q].sum(1, keepdims=True)) & (same == labels.sum(1)[None])
+    d = pair(img[q], img)
+    out["image_identical_labels_distance"] = float(d[identical].mean())
+    out["image_disjoint_labels_distance"] = float(d[same == 0].mean()) if (same == 0).any() else float("nan")
+    return out
+
+
+def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, float]]:
+    """Train stage 1, write the proxy codes; returns (their path, their statistics)."""
+    from dcgh_dist.train.runner import plan_run, run_training
+
+    s1 = stage1_config(cfg)
+    plan = plan_run(s1, resume=resume)
+    logger.info("DAPH stage 1: proxy nets for %d epochs in %s", s1.train.epochs, plan.output_dir)
+    outcome = run_training(s1, plan=plan, objective="daph-proxy")
+    codes = export_proxy_codes(plan.uri, plan.scan.info, plan.cfg, outcome.checkpoint_dir, plan.scan.files)
+    path = proxy_codes_path(cfg)
+    write_proxy_codes(path, codes, plan.cfg, plan.scan.fingerprint)
+    stats = proxy_code_stats(codes, seed=cfg.train.seed)
+    with open(os.path.join(plan.output_dir, "proxy_code_stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    logger.info("DAPH stage 1: proxy codes of %d rows in %s; proxy-code mAP on train i2t %.3f t2i %.3f, "
+                "bit balance %.3f / %.3f", len(codes["id"]), path, stats["proxy_map_i2t"], stats["proxy_map_t2i"],
+                stats["image_bit_balance_mean"], stats["text_bit_balance_mean"])
+    return path, stats
+
+
+def stage2_anchors(cfg: Config, plan) -> Any:
+    """The checked proxy codes as one object-store entry for stage 2's workers."""
+    import ray
+
+    codes = read_proxy_codes(proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
+    return ray.put({k: codes[k] for k in ("image_codes", "text_codes", "labels", "class_codes")})
