@@ -93,9 +93,11 @@ def linear_hashing(rows: dict[str, np.ndarray], bits: int, seed: int, rel: float
     return out
 
 
-def linear_baseline(uri: str, info: DatasetInfo, cfg: Config,
-                    files: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Metrics and PR curves of linear hashing, scored exactly like the trained model."""
+def linear_baseline(uri: str, info: DatasetInfo, cfg: Config, files: Sequence[str] | None = None,
+                    bits: int | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Metrics and PR curves of linear hashing at ``bits`` (default ``model.bits``), scored
+    exactly like the trained model."""
+    bits = bits or cfg.model.bits
     from dcgh_dist.evaluation import score
     from dcgh_dist.metrics import validation_metrics
 
@@ -107,12 +109,12 @@ def linear_baseline(uri: str, info: DatasetInfo, cfg: Config,
     if val.sum() > 1:
         scores = {}
         for r in RIDGE_GRID:
-            codes = linear_hashing(rows, cfg.model.bits, cfg.train.seed, r)
+            codes = linear_hashing(rows, bits, cfg.train.seed, r)
             scores[r] = validation_metrics({"image_codes": codes["image_codes"][val],
                                             "text_codes": codes["text_codes"][val],
                                             "labels": rows["labels"][val]})["val_map"]
         rel, chosen_on = max(scores, key=lambda r: (scores[r], -r)), "val"
-    codes = linear_hashing(rows, cfg.model.bits, cfg.train.seed, rel)
+    codes = linear_hashing(rows, bits, cfg.train.seed, rel)
     metrics, curves = score({**codes, "labels": rows["labels"], "split": rows["split"]}, cfg)
     metrics["ridge_rel"] = rel
     metrics["ridge_chosen_on"] = chosen_on

@@ -37,13 +37,22 @@ class ModelConfig:
     pretrained: str | None = None
     # What stays frozen: "none", "towers" (train the hash heads only), "image", "text".
     freeze: Literal["none", "towers", "image", "text"] = "none"
+    # Code length. A list (`model.bits=[16,32,64]`) trains one hash head (and one set of class
+    # proxies) per length on the same towers in one run: the first is the primary length (what
+    # validation, serving and `--bits`-less encoding use), the others land in ``extra_bits``.
     bits: int = 64
+    extra_bits: tuple[int, ...] = ()
     hash_dropout: float = 0.2  # the authors' LinearHash uses Dropout(0.2) before tanh
     image_size: int | None = None  # None = the preset's size
     context_length: int = 32  # the authors' max_words
     # features family: MLP widths over precomputed vectors (input sizes come from the dataset)
     feature_hidden: tuple[int, ...] = (1024,)
     feature_dropout: float = 0.1
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Every code length the model hashes to, the primary first."""
+        return (self.bits, *self.extra_bits)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class LossConfig:
     pairwise_neg_weight: float = 0.8
     variance_weight: float = 1.0
     variance_mode: Literal["reference", "masked"] = "reference"
+    # Several code lengths (model.extra_bits): the loss is the weighted sum over lengths, one
+    # weight per length in the order [bits, *extra_bits]; empty = 1 each.
+    bits_weights: tuple[float, ...] = ()
     # "global": pair terms between the local batch and codes gathered from all workers;
     # "local": each worker only sees its own batch (for comparison).
     gather: Literal["global", "local"] = "global"
@@ -174,6 +186,7 @@ class EncodeConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     bf16_min_agreement: float = 0.999
     splits: tuple[str, ...] | None = None  # None: every row
+    bits: int | None = None  # which code length of a multi-length checkpoint; None: its primary one
     throttle_s: float = 0.0  # testing aid: the driver sleeps this long per batch
 
     def __post_init__(self):
@@ -344,8 +357,18 @@ class Config:
         return _from_plain(cls, data, "")
 
     def validate(self) -> "Config":
-        if self.model.bits not in VALID_BITS:
-            raise ValueError(f"model.bits must be one of {VALID_BITS}, got {self.model.bits}")
+        lengths = self.model.lengths
+        for b in lengths:
+            if b not in VALID_BITS:
+                raise ValueError(f"model.bits must be one of {VALID_BITS} (or a list of them), got {b}")
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"model.bits lists a length twice: {list(lengths)}")
+        if self.loss.bits_weights and len(self.loss.bits_weights) != len(lengths):
+            raise ValueError(f"loss.bits_weights has {len(self.loss.bits_weights)} weights for "
+                             f"{len(lengths)} code lengths {list(lengths)}")
+        if len(lengths) > 1 and self.train.method != "dcgh":
+            raise ValueError("several code lengths in one run (model.bits as a list) work with "
+                             "train.method=dcgh only so far; train one DAPH run per length")
         if self.data.batch_size < 2:
             raise ValueError("data.batch_size must be >= 2: the pairwise terms need pairs")
         if self.train.epochs < 1:
@@ -464,6 +487,12 @@ def _from_plain(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     def path(key: str) -> str:  # the dotted name a user types: model.bits
         return f"{prefix}.{key}" if prefix else key
 
+    if cls is ModelConfig and isinstance(data.get("bits"), (list, tuple)):
+        # model.bits=[16,32,64]: the first is the primary length, the rest extra heads
+        lengths = list(data["bits"])
+        if not lengths:
+            raise ValueError("config model.bits: an empty list of code lengths")
+        data = {**data, "bits": lengths[0], "extra_bits": lengths[1:]}
     unknown = set(data) - names
     if unknown:
         raise ValueError(

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def encode_splits(
-    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None
+    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
+    bits: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool."""
     import ray
@@ -37,7 +38,7 @@ def encode_splits(
     ds = ds.map_batches(
         EncodeBatches,
         fn_constructor_args=(source, ("image", "text")),
-        fn_constructor_kwargs={"packed": False, "passthrough": ("id", "labels", "split")},
+        fn_constructor_kwargs={"packed": False, "passthrough": ("id", "labels", "split"), "bits": bits},
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
@@ -72,9 +73,12 @@ def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], di
 
 
 def evaluate(
-    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None
+    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
+    bits: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict]]:
-    return score(encode_splits(uri, info, cfg, checkpoint_dir, files), cfg)
+    """Metrics and PR curves of a checkpoint (None: the untrained model of ``cfg``), at one of its
+    code lengths (``bits``; None: the primary one)."""
+    return score(encode_splits(uri, info, cfg, checkpoint_dir, files, bits), cfg)
 
 
 def write_pr_plot(curves: dict[str, dict], baselines: dict[str, dict[str, dict] | None], path: str,

@@ -33,6 +33,7 @@ FLAGS = {
     "batch_size": "encode.batch_size", "concurrency": "encode.concurrency", "actor_cpus": "encode.actor_cpus",
     "preprocess_batch_size": "encode.preprocess_batch_size", "use_gpu": "encode.use_gpu",
     "precision": "encode.precision", "throttle_s": "encode.throttle_s", "splits": "encode.splits",
+    "bits": "encode.bits",
 }
 
 
@@ -54,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--bits", type=int, help="code length of a multi-length checkpoint (default: its primary one)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: the checkpoint's data.s3_endpoint)")
     p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default max(4, cores))")

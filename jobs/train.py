@@ -136,9 +136,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not args.skip_baseline:
             logger.info("evaluating the untrained model the same way")
             baseline, base_curves = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
+        # the other code lengths of a multi-length run, each scored exactly as the primary one
+        by_bits = {}
+        for k in cfg.model.extra_bits:
+            logger.info("evaluating the %d-bit head the same way", k)
+            m_k, _ = evaluate(outcome.dataset_uri, info, cfg, outcome.checkpoint_dir, outcome.scan.files, bits=k)
+            base_k = (None if args.skip_baseline else
+                      evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files, bits=k)[0])
+            by_bits[k] = {**m_k, "untrained": base_k}
     linear, lin_curves = (None, None)
     if has_linear_baseline(info):
         linear, lin_curves = linear_baseline(outcome.dataset_uri, info, cfg, outcome.scan.files)
+        for k in by_bits:
+            by_bits[k]["linear"] = linear_baseline(outcome.dataset_uri, info, cfg, outcome.scan.files, bits=k)[0]
 
     history = outcome.history
     result = {
@@ -155,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dataset": outcome.dataset_uri,
         "history": outcome.history,
     }
+    if by_bits:  # every length, the primary one included (what jobs/report.py reads)
+        result["by_bits"] = {str(cfg.model.bits): {k: v for k, v in result.items() if k != "history"},
+                             **{str(k): {**v, "dataset": outcome.dataset_uri, "method": cfg.train.method}
+                                for k, v in by_bits.items()}}
     if is_daph:
         result["proxy_codes"] = daph.proxy_codes_path(cfg)
         result["daph_stage1"] = stage1

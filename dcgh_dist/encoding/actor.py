@@ -15,12 +15,13 @@ class EncodeBatches:
     load; no copy on disk), or ``{"config": ..., "dataset_info": ...}`` for the untrained model of
     a config (the baseline). A ``<modality>_error`` column (the preprocessor's skip mode) marks
     rows that must not reach the model: their codes are zero and the error travels on, so the
-    driver can count and report them. Columns in ``passthrough`` are copied through.
+    driver can count and report them. Columns in ``passthrough`` are copied through. ``bits``:
+    which of a multi-length checkpoint's code lengths (None: its primary one).
     """
 
     def __init__(self, source: dict[str, Any], modalities: Sequence[str], *, packed: bool,
                  precision: str = "fp32", device: str = "auto", cpu_threads: int | None = None,
-                 passthrough: Sequence[str] = ("id",)):
+                 passthrough: Sequence[str] = ("id",), bits: int | None = None):
         import ray
         import torch
 
@@ -31,13 +32,14 @@ class EncodeBatches:
         if "checkpoint" in source:
             files = source["checkpoint"]
             files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-            self.encoder = Encoder.from_files(files, device=device, precision=precision)
+            self.encoder = Encoder.from_files(files, device=device, precision=precision, bits=bits)
         else:
             from dcgh_dist.config import Config
             from dcgh_dist.data.format import DatasetInfo
 
             self.encoder = Encoder.untrained(Config.from_dict(source["config"]),
-                                             DatasetInfo.from_json(source["dataset_info"]), device=device)
+                                             DatasetInfo.from_json(source["dataset_info"]), device=device,
+                                             bits=bits)
         self.modalities = tuple(modalities)
         self.packed = packed
         self.passthrough = tuple(passthrough)

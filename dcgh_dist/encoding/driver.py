@@ -93,7 +93,10 @@ def run_encode(
     ckpt_files = read_checkpoint_files(checkpoint_dir, s3_endpoint)
     meta = verify_files(ckpt_files)  # weights match the fingerprint stamped on every code
     mcfg = meta.config
-    bits = mcfg.model.bits
+    bits = cfg.bits or mcfg.model.bits
+    if bits not in mcfg.model.lengths:
+        raise ValueError(f"{checkpoint_dir}: the checkpoint hashes to {list(mcfg.model.lengths)} bits, "
+                         f"not encode.bits={bits}")
     inp = resolve_input(dataset_uri, s3_endpoint)
     check_columns(inp, meta, modalities)
 
@@ -190,7 +193,8 @@ def run_encode(
             fn_constructor_args=({"checkpoint": ckpt_ref}, modalities),
             fn_constructor_kwargs={"packed": True, "precision": precision,
                                    "device": "cuda" if use_gpu else "cpu",
-                                   "cpu_threads": int(max(1, cfg.actor_cpus)), "passthrough": ("id", "path")},
+                                   "cpu_threads": int(max(1, cfg.actor_cpus)), "passthrough": ("id", "path"),
+                                   "bits": bits},
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

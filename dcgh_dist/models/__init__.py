@@ -99,7 +99,7 @@ def build_model(
                 f"model.context_length={cfg.context_length} exceeds the text tower's "
                 f"{text_tower.max_positions} positions"
             )
-        model = CrossModalHasher(image_tower, text_tower, cfg.bits, cfg.hash_dropout)
+        model = CrossModalHasher(image_tower, text_tower, cfg.bits, cfg.hash_dropout, extra_bits=cfg.extra_bits)
     elif family == "features":
         if not image_feature_dim or not text_feature_dim:
             raise ValueError(
@@ -113,6 +113,7 @@ def build_model(
             cfg.hash_dropout,
             image_key="image_features",
             text_key="text_features",
+            extra_bits=cfg.extra_bits,
         )
     else:
         raise ValueError(f"unknown model.family {cfg.family!r}")

@@ -124,8 +124,11 @@ def save_untrained(path: str, config: Config, dataset_info: DatasetInfo) -> str:
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, image_feature_dim=dataset_info.image_feature_dim,
                         text_feature_dim=dataset_info.text_feature_dim)
-    proxies = ClassProxies(dataset_info.num_classes, config.model.bits)
-    save_checkpoint(path, model.state_dict(), proxies.state_dict(),
+    proxies = {}
+    for k in config.model.lengths:  # named as the training objective names them
+        for n, v in ClassProxies(dataset_info.num_classes, k).state_dict().items():
+            proxies[n if k == config.model.bits else f"@{k}.{n}"] = v
+    save_checkpoint(path, model.state_dict(), proxies,
                     CheckpointMeta(config, dataset_info, architecture=architecture_of(model)))
     return path
 

@@ -38,7 +38,7 @@ class Encoder:
     """A hasher in eval mode on one device, with the preprocessing its checkpoint implies."""
 
     def __init__(self, model, meta=None, *, device: str | torch.device | None = None,
-                 precision: Precision = "fp32"):
+                 precision: Precision = "fp32", bits: int | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model = model
@@ -47,30 +47,35 @@ class Encoder:
         if device is not None:
             self.model.to(self.device)
         self.precision = precision
-        self.bits = model.bits
+        # one of the model's code lengths (a multi-length checkpoint hashes to any); None = primary
+        lengths = getattr(model, "lengths", (model.bits,))
+        if bits is not None and bits not in lengths:
+            raise ValueError(f"this checkpoint hashes to {list(lengths)} bits, not {bits}")
+        self.bits = bits or model.bits
         self._pre: dict[tuple, Any] = {}
 
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, uri: str, *, s3_endpoint: str | None = None, device: str = "auto",
-                        precision: Precision = "fp32") -> "Encoder":
+                        precision: Precision = "fp32", bits: int | None = None) -> "Encoder":
         """From a checkpoint directory or ``s3://`` URI; the weights are verified."""
         from dcgh_dist.models.checkpoint import read_checkpoint_files
 
-        return cls.from_files(read_checkpoint_files(uri, s3_endpoint), device=device, precision=precision)
+        return cls.from_files(read_checkpoint_files(uri, s3_endpoint), device=device, precision=precision, bits=bits)
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes], *, device: str = "auto", precision: Precision = "fp32") -> "Encoder":
+    def from_files(cls, files: dict[str, bytes], *, device: str = "auto", precision: Precision = "fp32",
+                   bits: int | None = None) -> "Encoder":
         """From ``read_checkpoint_files``' bytes (shipped to Ray actors through the object store)."""
         from dcgh_dist.models.checkpoint import model_from_files
 
         device = _device(device)
         model, meta = model_from_files(files, device=device)
-        return cls(model, meta, device=device, precision=precision)
+        return cls(model, meta, device=device, precision=precision, bits=bits)
 
     @classmethod
-    def untrained(cls, config, dataset_info, *, device: str = "auto") -> "Encoder":
+    def untrained(cls, config, dataset_info, *, device: str = "auto", bits: int | None = None) -> "Encoder":
         """The model training starts from (same seed): the baseline a trained model is scored against."""
         from dcgh_dist.models import build_model
         from dcgh_dist.models.checkpoint import CheckpointMeta, architecture_of
@@ -79,7 +84,7 @@ class Encoder:
         model = build_model(config.model, image_feature_dim=dataset_info.image_feature_dim,
                             text_feature_dim=dataset_info.text_feature_dim).eval()
         meta = CheckpointMeta(config, dataset_info, architecture=architecture_of(model))
-        return cls(model, meta, device=_device(device))
+        return cls(model, meta, device=_device(device), bits=bits)
 
     # -- preprocessed inputs ---------------------------------------------------------------
 
@@ -99,8 +104,8 @@ class Encoder:
             fn = self.model.encode_image if modality == "image" else self.model.encode_text
             if self.precision == "bf16":
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                    return fn(t).float().cpu().numpy()
-            return fn(t).float().cpu().numpy()
+                    return fn(t, self.bits).float().cpu().numpy()
+            return fn(t, self.bits).float().cpu().numpy()
         finally:
             self.model.train(was_training)
 
@@ -110,8 +115,8 @@ class Encoder:
 
     def bit_agreement(self, modality: Modality, x) -> float:
         """Share of bits on which bf16 autocast agrees with fp32 for these inputs (measured)."""
-        fp32 = Encoder(self.model, self.meta, device=self.device, precision="fp32").relaxed(modality, x) >= 0
-        bf16 = Encoder(self.model, self.meta, device=self.device, precision="bf16").relaxed(modality, x) >= 0
+        fp32 = Encoder(self.model, self.meta, device=self.device, precision="fp32", bits=self.bits).relaxed(modality, x) >= 0
+        bf16 = Encoder(self.model, self.meta, device=self.device, precision="bf16", bits=self.bits).relaxed(modality, x) >= 0
         return float((fp32 == bf16).mean())
 
     # -- raw inputs ------------------------------------------------------------------------

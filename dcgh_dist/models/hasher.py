@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,11 @@ class CrossModalHasher(nn.Module):
     ``forward`` takes a batch mapping with ``image`` (or ``image_features``) and ``text`` (or
     ``text_features``) and returns ``{"image_codes", "text_codes"}``. Either modality may be
     missing: encoding jobs hash one side at a time.
+
+    ``extra_bits``: further code lengths, each with its own pair of heads on the same towers (one
+    forward pass of the towers for every length); ``forward`` then also returns
+    ``image_codes@K`` / ``text_codes@K`` for each, and ``encode_*(x, bits=K)`` picks a length.
+    The primary heads keep their names, so a one-length checkpoint is what it always was.
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class CrossModalHasher(nn.Module):
         dropout: float = 0.2,
         image_key: str = "image",
         text_key: str = "text",
+        extra_bits: Sequence[int] = (),
     ):
         super().__init__()
         self.image_tower = image_tower
@@ -46,21 +52,41 @@ class CrossModalHasher(nn.Module):
         self.image_head = HashHead(image_tower.out_dim, bits, dropout)
         self.text_head = HashHead(text_tower.out_dim, bits, dropout)
         self.bits = bits
+        self.extra_bits = tuple(extra_bits)
+        if self.extra_bits:
+            self.extra_image_heads = nn.ModuleDict(
+                {str(k): HashHead(image_tower.out_dim, k, dropout) for k in self.extra_bits})
+            self.extra_text_heads = nn.ModuleDict(
+                {str(k): HashHead(text_tower.out_dim, k, dropout) for k in self.extra_bits})
         self.image_key = image_key
         self.text_key = text_key
 
-    def encode_image(self, image: Tensor) -> Tensor:
-        return self.image_head(self.image_tower(image))
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return (self.bits, *self.extra_bits)
 
-    def encode_text(self, text: Tensor) -> Tensor:
-        return self.text_head(self.text_tower(text))
+    def _head(self, modality: str, bits: int | None) -> nn.Module:
+        if bits is None or bits == self.bits:
+            return self.image_head if modality == "image" else self.text_head
+        if bits not in self.extra_bits:
+            raise ValueError(f"this model hashes to {list(self.lengths)} bits, not {bits}")
+        return (self.extra_image_heads if modality == "image" else self.extra_text_heads)[str(bits)]
+
+    def encode_image(self, image: Tensor, bits: int | None = None) -> Tensor:
+        return self._head("image", bits)(self.image_tower(image))
+
+    def encode_text(self, text: Tensor, bits: int | None = None) -> Tensor:
+        return self._head("text", bits)(self.text_tower(text))
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        if self.image_key in batch:
-            out["image_codes"] = self.encode_image(batch[self.image_key])
-        if self.text_key in batch:
-            out["text_codes"] = self.encode_text(batch[self.text_key])
+        for modality, key in (("image", self.image_key), ("text", self.text_key)):
+            if key not in batch:
+                continue
+            feats = (self.image_tower if modality == "image" else self.text_tower)(batch[key])
+            out[f"{modality}_codes"] = self._head(modality, None)(feats)
+            for k in self.extra_bits:
+                out[f"{modality}_codes@{k}"] = self._head(modality, k)(feats)
         if not out:
             raise KeyError(f"batch has neither {self.image_key!r} nor {self.text_key!r}")
         return out
@@ -69,4 +95,5 @@ class CrossModalHasher(nn.Module):
         return [p for m in (self.image_tower, self.text_tower) for p in m.parameters() if p.requires_grad]
 
     def head_parameters(self):
-        return [p for m in (self.image_head, self.text_head) for p in m.parameters() if p.requires_grad]
+        towers = {id(p) for m in (self.image_tower, self.text_tower) for p in m.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in towers]

@@ -97,14 +97,15 @@ def _encoder_factories(plan: dict[int, list[dict]], device: str, s3_endpoint: st
                 ckpt = run.entries[bits].checkpoint
                 key = f"{kind}:{run.uri}:{bits}"
                 if kind == "trained":
-                    factories[key] = lambda c=ckpt: Encoder.from_checkpoint(c, s3_endpoint=s3_endpoint, device=device)
+                    factories[key] = lambda c=ckpt, b=bits: Encoder.from_checkpoint(
+                        c, s3_endpoint=s3_endpoint, device=device, bits=b)  # a multi-length checkpoint: this head
                 else:  # the model training started from: same config, same seed
 
-                    def untrained(c=ckpt):
+                    def untrained(c=ckpt, b=bits):
                         from dcgh_dist.models.checkpoint import read_meta
 
                         meta = read_meta(c, s3_endpoint)
-                        return Encoder.untrained(meta.config, meta.dataset_info, device=device)
+                        return Encoder.untrained(meta.config, meta.dataset_info, device=device, bits=b)
 
                     factories[key] = untrained
     return factories

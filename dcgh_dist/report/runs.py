@@ -207,7 +207,8 @@ def find_checkpoint(fs, root: str, bits: int) -> str | None:
             meta = json.loads(read_text(fs, meta_path))
         except json.JSONDecodeError:
             continue
-        if _dig(meta.get("config"), "model.bits") == bits:
+        lengths = [_dig(meta.get("config"), "model.bits"), *(_dig(meta.get("config"), "model.extra_bits") or ())]
+        if bits in lengths:  # a multi-length checkpoint holds a head per length
             return display(fs, ckpt)
     return None
 

@@ -48,11 +48,11 @@ from dcgh_dist.train.objectives import build_objective
 logger = logging.getLogger(__name__)
 
 
-def encode_batches(model, batches) -> dict[str, np.ndarray]:
+def encode_batches(model, batches, bits: int | None = None) -> dict[str, np.ndarray]:
     """Relaxed codes + labels of every batch (eval mode, through the one inference path)."""
     from dcgh_dist.models.encoder import Encoder
 
-    enc = Encoder(model)
+    enc = Encoder(model, bits=bits)
     out: dict[str, list] = {"image_codes": [], "text_codes": [], "labels": []}
     for b in batches:
         out["image_codes"].append(enc.relaxed("image", b[model.image_key]))
@@ -230,7 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
             if cache_val and val_cache is None:
                 val_batches = val_cache = list(val_batches)
-            metrics.update(validation_metrics(encode_batches(engine.module, val_batches)))
+            metrics.update(validate(engine.module, val_batches))
         stop = False
         if rank == 0:
             history.append(metrics)
@@ -248,6 +248,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "stopping after epoch %d of at most %d", cfg.train.patience,
                             history[best - 1]["val_map"], best, epoch + 1, cfg.train.epochs)
             break
+
+
+def validate(model, batches) -> dict[str, float]:
+    """val-vs-val mAP; with several code lengths per length (``val_map@K``), and ``val_map`` (what
+    selection and early stopping watch) their mean, so one checkpoint serves every length."""
+    lengths = getattr(model, "lengths", (model.bits,))
+    if len(lengths) == 1:
+        return validation_metrics(encode_batches(model, batches))
+    out: dict[str, float] = {}
+    for k in lengths:
+        for name, v in validation_metrics(encode_batches(model, batches, bits=k)).items():
+            out[f"{name}@{k}"] = v
+    out["val_map"] = float(np.mean([out[f"val_map@{k}"] for k in lengths]))
+    return out
 
 
 def best_val_epoch(history: list[dict[str, Any]]) -> int:

@@ -65,48 +65,74 @@ def _hasher(cfg: Config, info: DatasetInfo) -> nn.Module:
 
 
 class DCGHObjective(Objective):
+    """DCGH; with several code lengths (``model.extra_bits``) one set of class proxies per length
+    and the loss summed over lengths with ``loss.bits_weights``, on one pass of the towers."""
+
     log_terms = ("proxy", "pairwise_pos", "pairwise_neg", "variance")
 
     def __init__(self, cfg: Config, info: DatasetInfo):
         from dcgh_dist.losses import ClassProxies
 
         self.cfg, self.info = cfg, info
-        self.proxies = ClassProxies(info.num_classes, cfg.model.bits, cfg.loss.proxy_seed)
-        self.proxy_opt = self.proxies.make_optimizer(cfg.loss)
+        self.lengths = cfg.model.lengths
+        self.weights = cfg.loss.bits_weights or (1.0,) * len(self.lengths)
+        self.proxies = {k: ClassProxies(info.num_classes, k, cfg.loss.proxy_seed) for k in self.lengths}
+        self.proxy_opts = {k: p.make_optimizer(cfg.loss) for k, p in self.proxies.items()}
 
     def build_model(self) -> nn.Module:
         return _hasher(self.cfg, self.info)
 
     def to(self, device) -> None:
-        self.proxies.to(device)
+        for p in self.proxies.values():
+            p.to(device)
 
     def loss(self, codes, batch):
         from dcgh_dist.distributed import distributed_dcgh_loss
 
-        return distributed_dcgh_loss(codes["image_codes"], codes["text_codes"], batch["labels"],
-                                     self.proxies(), self.cfg.loss)
+        primary = self.lengths[0]
+        total, logged = None, {}
+        for k, w in zip(self.lengths, self.weights):
+            suffix = "" if k == primary else f"@{k}"
+            loss, terms = distributed_dcgh_loss(codes[f"image_codes{suffix}"], codes[f"text_codes{suffix}"],
+                                                batch["labels"], self.proxies[k](), self.cfg.loss)
+            total = w * loss if total is None else total + w * loss
+            if k == primary:
+                logged.update(terms)
+            if len(self.lengths) > 1:
+                logged[f"total@{k}"] = terms["total"]
+        if len(self.lengths) > 1:
+            logged["total"] = sum(w * logged[f"total@{k}"] for k, w in zip(self.lengths, self.weights))
+        return total, logged
 
     def after_step(self, grad_scale: float) -> None:
         from dcgh_dist.distributed import all_reduce_grads
 
-        if grad_scale != 1.0:  # fp16 loss scaling reached the proxies too
-            for p in self.proxies.parameters():
-                if p.grad is not None:
-                    p.grad.div_(grad_scale)
-        all_reduce_grads(self.proxies.parameters())
-        self.proxy_opt.step()
-        self.proxy_opt.zero_grad(set_to_none=True)
+        for k, proxies in self.proxies.items():
+            if grad_scale != 1.0:  # fp16 loss scaling reached the proxies too
+                for p in proxies.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(grad_scale)
+            all_reduce_grads(proxies.parameters())
+            self.proxy_opts[k].step()
+            self.proxy_opts[k].zero_grad(set_to_none=True)
+
+    def _key(self, k: int, name: str) -> str:
+        # the primary length keeps the one-length names: its checkpoints are unchanged
+        return name if k == self.lengths[0] else f"@{k}.{name}"
 
     def extra_state(self):
-        return {k: v.cpu() for k, v in self.proxies.state_dict().items()}
+        return {self._key(k, n): v.cpu() for k, p in self.proxies.items() for n, v in p.state_dict().items()}
 
     def extra_train_state(self):
-        return {"proxy_optimizer": self.proxy_opt.state_dict()}
+        return {("proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"): o.state_dict()
+                for k, o in self.proxy_opts.items()}
 
     def load(self, extra_state, train_state):
-        self.proxies.load_state_dict(extra_state)
-        if "proxy_optimizer" in train_state:
-            self.proxy_opt.load_state_dict(train_state["proxy_optimizer"])
+        for k, p in self.proxies.items():
+            p.load_state_dict({n: extra_state[self._key(k, n)] for n in p.state_dict()})
+            name = "proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"
+            if name in train_state:
+                self.proxy_opts[k].load_state_dict(train_state[name])
 
 
 class DAPHProxyObjective(Objective):
