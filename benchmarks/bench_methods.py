@@ -1,0 +1,114 @@
+"""DCGH against DAPH at several bit lengths, same data, same splits, several seeds.
+
+Runs ``jobs/train.py --dataset D --method M --bits K train.seed=S`` for every combination on one
+local Ray cluster and prints mean ± std over the seeds of mAP over the whole retrieval database in
+both directions, with the untrained model and (feature datasets) the linear baseline at each
+length, and the training time.
+
+    python benchmarks/bench_methods.py --dataset demo-features --bits 16 32 64 --seeds 0 1
+    python benchmarks/bench_methods.py --dataset demo --bits 64 --seeds 0 --methods dcgh daph
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "jobs"))
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="demo-features")
+    p.add_argument("--methods", nargs="+", default=["dcgh", "daph"])
+    p.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--multi", action="store_true",
+                   help="also train DCGH at every --bits length in one run (model.bits as a list) per seed, "
+                        "and compare each head with the separate runs and the time with theirs summed")
+    p.add_argument("--skip", nargs="*", default=[], help="method-bits pairs not to run, e.g. daph-16")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value settings")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import torch  # noqa: F401
+
+    import train as train_job  # jobs/train.py
+
+    from dcgh_dist.ray_session import ray_session
+
+    work = tempfile.mkdtemp(prefix="bench-methods-")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with ray_session(None, num_cpus=max(4, os.cpu_count() or 1), dashboard=True):
+        for bits in args.bits:
+            for method in args.methods:
+                if f"{method}-{bits}" in args.skip:
+                    continue
+                for seed in args.seeds:
+                    out = os.path.join(work, f"{method}-{bits}-{seed}")
+                    t0 = time.perf_counter()
+                    r = train_job.main(["--dataset", args.dataset, "--output-dir", out, "--method", method,
+                                        "--bits", str(bits), f"train.seed={seed}", *args.overrides])
+                    r["wall"] = time.perf_counter() - t0
+                    runs.setdefault((method, bits), []).append(r)
+
+        multi = []
+        if args.multi:
+            for seed in args.seeds:
+                out = os.path.join(work, f"dcgh-multi-{seed}")
+                t0 = time.perf_counter()
+                r = train_job.main(["--dataset", args.dataset, "--output-dir", out,
+                                    f"model.bits={list(args.bits)}", f"train.seed={seed}", *args.overrides])
+                r["wall"] = time.perf_counter() - t0
+                multi.append(r)
+
+    print(f"\nmachine: {machine()}")
+    print(f"runs in {work}")
+    print(f"`jobs/train.py --dataset {args.dataset} --method M --bits K {' '.join(args.overrides)}`, "
+          f"seeds {args.seeds}; mean ± std over seeds\n")
+    print("| bits | method | mAP image→text | mAP text→image | epochs run | wall per run (s) |")
+    print("|---|---|---|---|---|---|")
+    for bits in args.bits:
+        for method in args.methods:
+            rs = runs.get((method, bits))
+            if not rs:
+                continue
+            print(f"| {bits} | {method.upper()} | {spread([r['map_i2t'] for r in rs])} | "
+                  f"{spread([r['map_t2i'] for r in rs])} | {spread([float(r['epochs_run']) for r in rs])} | "
+                  f"{statistics.mean(r['wall'] for r in rs):.0f} |")
+        if multi:
+            heads = [r["by_bits"][str(bits)] for r in multi]
+            print(f"| {bits} | DCGH, one run for {args.bits} | {spread([h['map_i2t'] for h in heads])} | "
+                  f"{spread([h['map_t2i'] for h in heads])} | {spread([float(r['epochs_run']) for r in multi])} | "
+                  f"{statistics.mean(r['wall'] for r in multi):.0f} |")
+        first = runs.get((args.methods[0], bits))
+        if not first:
+            continue
+        for name in ("untrained", "linear"):
+            if all(r.get(name) for r in first):
+                print(f"| {bits} | {name} | {spread([r[name]['map_i2t'] for r in first])} | "
+                      f"{spread([r[name]['map_t2i'] for r in first])} | | |")
+
+    if multi and all(("dcgh", b) in runs for b in args.bits):
+        separate = [sum(runs[("dcgh", b)][i]["wall"] for b in args.bits) for i in range(len(args.seeds))]
+        ratio = [m["wall"] / s for m, s in zip(multi, separate)]
+        print(f"\none run for {args.bits} against {len(args.bits)} separate DCGH runs, same seeds, this process: "
+              f"{statistics.mean(r['wall'] for r in multi):.0f} s against {statistics.mean(separate):.0f} s "
+              f"(ratio {spread(ratio)})")
+
+
+if __name__ == "__main__":
+    main()
