@@ -18,17 +18,9 @@ import sys
 import tempfile
 import time
 
-from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+from common import REPO, machine, spread  # benchmarks/common.py: a script's own folder is on sys.path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "jobs"))
-
-
-def spread(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,8 @@ import os
 import platform
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 
 def machine() -> str:
@@ -33,3 +34,12 @@ def machine() -> str:
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else gpu
     return f"{os.cpu_count()} cores ({cpu}), {mem}, {gpu}, Python {platform.python_version()}, " + ", ".join(versions)
+
+
+def spread(values: list[float]) -> str:
+    """mean ± sample standard deviation over runs (seeds), to 3 decimals."""
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
