@@ -37,7 +37,7 @@ def read_feature_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcgh_dist.data.format import list_data_files
+    from dcgh_dist.data.format import labels_multihot, list_data_files
     from dcgh_dist.storage import resolve_filesystem
 
     fs, _ = resolve_filesystem(uri, s3_endpoint)
@@ -52,11 +52,8 @@ def read_feature_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None,
         col = table.column(name).combine_chunks()
         return np.asarray(col.flatten(), dtype=np.float64).reshape(n, -1)
 
-    labels = np.zeros((n, info.num_classes), dtype=np.float64)
-    lab = table.column("labels").combine_chunks()
-    rows = np.repeat(np.arange(n), np.diff(np.asarray(lab.offsets)))
-    labels[rows, np.asarray(lab.flatten(), dtype=np.int64)] = 1.0
-    out = {"id": np.asarray(table.column("id"), dtype=np.int64), "labels": labels,
+    out = {"id": np.asarray(table.column("id"), dtype=np.int64),
+           "labels": labels_multihot(table.column("labels"), info.num_classes, dtype=np.float64),
            "split": np.asarray(table.column("split").to_pylist(), dtype=object),
            "image_features": matrix("image_features"), "text_features": matrix("text_features")}
     order = np.argsort(out["id"], kind="stable")  # the database order evaluation uses

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, list_data_files
+from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, labels_multihot, list_data_files
 from dcgh_dist.storage import resolve_filesystem
 from dcgh_dist.index.codes import _POPCOUNT8
 from dcgh_dist.metrics import average_precision, dcg, dcg_discounts
@@ -74,11 +73,7 @@ def read_labels(dataset_uri: str, s3_endpoint: str | None = None) -> LabelTable:
     def one(path: str):
         t = pq.read_table(path, filesystem=fs, columns=["id", "labels", "split"])
         ids = t.column("id").to_numpy().astype(np.int64)
-        col = t.column("labels").combine_chunks()
-        lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-        mh = np.zeros((len(ids), C), dtype=bool)
-        mh[np.repeat(np.arange(len(ids)), lens), flat] = True
+        mh = labels_multihot(t.column("labels"), C, dtype=bool)
         splits = np.array([split_code[s] for s in t.column("split").to_pylist()], dtype=np.uint8)
         return ids, np.packbits(mh, axis=1), splits
 

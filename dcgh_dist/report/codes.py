@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DatasetInfo, list_data_files
+from dcgh_dist.data.format import DatasetInfo, labels_multihot, list_data_files
 from dcgh_dist.report.curves import sample_ids
 from dcgh_dist.storage import resolve_filesystem
 
@@ -64,18 +64,14 @@ def choose_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None, max_items:
     chosen = {"query": np.sort(ids[is_query]), "db": sample_ids(ids[~is_query], max_items)}
     order = np.argsort(ids, kind="stable")
     lab = table.column("labels").combine_chunks()
+    multi = labels_multihot(lab, info.num_classes)
     offsets = np.asarray(lab.offsets)
     flat = np.asarray(lab.flatten(), dtype=np.int64)
     out_labels, first = {}, {}
     for part, part_ids in chosen.items():
         rows = order[np.searchsorted(ids[order], part_ids)]
-        multi = np.zeros((len(rows), info.num_classes), dtype=np.float32)
-        starts, lens = offsets[rows], offsets[rows + 1] - offsets[rows]
-        # positions in `flat` of every label of the chosen rows, row by row
-        where = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-        multi[np.repeat(np.arange(len(rows)), lens), flat[where]] = 1.0
-        out_labels[part] = multi
-        first[part] = flat[starts]
+        out_labels[part] = multi[rows]
+        first[part] = flat[offsets[rows]]  # the first label of each row's list
     return Rows(ids=chosen, labels=out_labels, first_label=first, db_total=int((~is_query).sum()), files=files)
 
 
