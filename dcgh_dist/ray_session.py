@@ -107,6 +107,22 @@ def ray_session(
             logger.warning("Ray's logs of this run are kept in %s", root)
 
 
+@contextlib.contextmanager
+def env_default(name: str, value: str) -> Iterator[str]:
+    """``os.environ[name] = value`` for the duration of the block, unless the user exported
+    ``name`` (then their value stands); yields the value in effect. For Ray settings read from
+    the environment by the process or actor a call starts (Ray Data's footer readers, Ray
+    Train's controller), which a library must not leave behind for the rest of the program."""
+    if name in os.environ:
+        yield os.environ[name]
+        return
+    os.environ[name] = value
+    try:
+        yield value
+    finally:
+        os.environ.pop(name, None)
+
+
 def _free_port() -> int:
     import socket
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Iterator, Sequence
 
 from dcgh_dist.config import Config
@@ -62,15 +61,10 @@ def footer_reader_actors(n_files: int) -> Iterator[int]:
     The pool size is read when ``read_parquet`` builds its file indexer, in the calling process,
     so it is set around that call only. A value the user exported wins.
     """
-    if FOOTER_ENV in os.environ:
-        yield int(os.environ[FOOTER_ENV])
-        return
-    n = max(1, min(32, math.ceil(n_files / FILES_PER_FOOTER_ACTOR)))
-    os.environ[FOOTER_ENV] = str(n)
-    try:
-        yield n
-    finally:
-        os.environ.pop(FOOTER_ENV, None)
+    from dcgh_dist.ray_session import env_default
+
+    with env_default(FOOTER_ENV, str(max(1, min(32, math.ceil(n_files / FILES_PER_FOOTER_ACTOR))))) as n:
+        yield int(n)
 
 
 def read_parquet(files: Sequence[str], **kwargs):

@@ -245,16 +245,12 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
     )
+    from dcgh_dist.ray_session import env_default
+
     # Read by the controller, which Ray Train starts with the driver's RAY_TRAIN_* variables;
     # set for this fit only, and never over a value the user exported.
-    exported = REPORT_INTERVAL_ENV in os.environ
-    if not exported:
-        os.environ[REPORT_INTERVAL_ENV] = str(cfg.train.report_interval_s)
-    try:
+    with env_default(REPORT_INTERVAL_ENV, str(cfg.train.report_interval_s)):
         result = trainer.fit()
-    finally:
-        if not exported:
-            os.environ.pop(REPORT_INTERVAL_ENV, None)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
 
