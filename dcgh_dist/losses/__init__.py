@@ -22,10 +22,12 @@ from dcgh_dist.losses.daph import (
     quantization_term,
     resolve_positive_rule,
 )
-from dcgh_dist.losses.dcgh import ClassProxies, dcgh_loss, init_proxies
+from dcgh_dist.losses.dcgh import ClassProxies, dcgh_loss, init_proxies, load_proxies_state, proxies_state
 
 __all__ = [
     "ClassProxies",
+    "load_proxies_state",
+    "proxies_state",
     "anchor_partial_rows",
     "anchor_partial_term",
     "anchor_same_rows",

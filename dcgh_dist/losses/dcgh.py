@@ -195,3 +195,18 @@ class ClassProxies(nn.Module):
             momentum=cfg.proxy_momentum,
             weight_decay=cfg.proxy_weight_decay,
         )
+
+
+def proxies_state(proxies: Mapping[int, ClassProxies], primary: int) -> dict[str, Tensor]:
+    """One ClassProxies per code length as one state dict (a checkpoint's ``proxies.pt``): the
+    primary length under the one-length names, so a one-length checkpoint is what it always
+    was, and every other length K under ``@K.<name>``."""
+    return {(n if k == primary else f"@{k}.{n}"): v.detach().cpu()
+            for k, p in proxies.items() for n, v in p.state_dict().items()}
+
+
+def load_proxies_state(proxies: Mapping[int, ClassProxies], primary: int, state: Mapping[str, Tensor]) -> None:
+    """The inverse of :func:`proxies_state`."""
+    for k, p in proxies.items():
+        p.load_state_dict({n: state[n if k == primary else f"@{k}.{n}"] for n in p.state_dict()})
+

@@ -118,16 +118,14 @@ def save_checkpoint(
 def save_untrained(path: str, config: Config, dataset_info: DatasetInfo) -> str:
     """The untrained model of ``config`` (seeded with ``train.seed``) saved as a checkpoint: what
     benchmarks and tests encode with, and a smoke test of a deployment before any training."""
-    from dcgh_dist.losses import ClassProxies
+    from dcgh_dist.losses import ClassProxies, proxies_state
     from dcgh_dist.models import build_model
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, image_feature_dim=dataset_info.image_feature_dim,
                         text_feature_dim=dataset_info.text_feature_dim)
-    proxies = {}
-    for k in config.model.lengths:  # named as the training objective names them
-        for n, v in ClassProxies(dataset_info.num_classes, k).state_dict().items():
-            proxies[n if k == config.model.bits else f"@{k}.{n}"] = v
+    proxies = proxies_state({k: ClassProxies(dataset_info.num_classes, k) for k in config.model.lengths},
+                            config.model.bits)
     save_checkpoint(path, model.state_dict(), proxies,
                     CheckpointMeta(config, dataset_info, architecture=architecture_of(model)))
     return path
@@ -185,13 +183,20 @@ def read_checkpoint_files(uri: str, s3_endpoint: str | None = None) -> dict[str,
     return out
 
 
-def model_from_files(files: dict[str, bytes], *, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta) from ``read_checkpoint_files``' bytes, the weights verified
-    against the fingerprint in meta.json."""
+def verified_state(files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], CheckpointMeta, str]:
+    """(weights, meta, where) of ``read_checkpoint_files``' bytes, the weights checked against
+    the fingerprint in meta.json: what every loader of a checkpoint's model starts from."""
     where = files.get("where", b"checkpoint").decode()
     meta = _parse_meta(files["meta.json"].decode("utf-8"), f"{where}/meta.json")
     state = _load_bytes(files["model.pt"], f"{where}/model.pt")
     check_fingerprint(state, meta, where)
+    return state, meta, where
+
+
+def model_from_files(files: dict[str, bytes], *, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from ``read_checkpoint_files``' bytes, the weights verified
+    against the fingerprint in meta.json."""
+    state, meta, where = verified_state(files)
     model = build_model_for(meta)
     try:
         model.load_state_dict(state)
@@ -216,10 +221,7 @@ def check_fingerprint(state: dict[str, torch.Tensor], meta: CheckpointMeta, wher
 def verify_files(files: dict[str, bytes]) -> CheckpointMeta:
     """meta.json of ``read_checkpoint_files``' bytes, after checking that model.pt loads and its
     weights match the fingerprint: a job calls this before it starts Ray or any actor."""
-    where = files.get("where", b"checkpoint").decode()
-    meta = _parse_meta(files["meta.json"].decode("utf-8"), f"{where}/meta.json")
-    check_fingerprint(_load_bytes(files["model.pt"], f"{where}/model.pt"), meta, where)
-    return meta
+    return verified_state(files)[1]
 
 
 def verified_meta(uri: str, s3_endpoint: str | None = None) -> CheckpointMeta:

@@ -133,13 +133,10 @@ def load_proxy_nets(files: dict[str, bytes]):
     """(stage-1 nets, meta) from a stage-1 checkpoint's bytes, weights verified."""
     import torch
 
-    from dcgh_dist.models.checkpoint import _load_bytes, _parse_meta, check_fingerprint
+    from dcgh_dist.models.checkpoint import verified_state
     from dcgh_dist.models.daph import build_daph_proxy_nets
 
-    where = files.get("where", b"checkpoint").decode()
-    meta = _parse_meta(files["meta.json"].decode(), f"{where}/meta.json")
-    state = _load_bytes(files["model.pt"], f"{where}/model.pt")
-    check_fingerprint(state, meta, where)
+    state, meta, _ = verified_state(files)
     info = meta.dataset_info
     torch.manual_seed(0)
     nets = build_daph_proxy_nets(dataclasses.replace(meta.config.model, pretrained=None), info.num_classes,

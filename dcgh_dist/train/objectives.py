@@ -116,23 +116,23 @@ class DCGHObjective(Objective):
             self.proxy_opts[k].step()
             self.proxy_opts[k].zero_grad(set_to_none=True)
 
-    def _key(self, k: int, name: str) -> str:
-        # the primary length keeps the one-length names: its checkpoints are unchanged
-        return name if k == self.lengths[0] else f"@{k}.{name}"
-
     def extra_state(self):
-        return {self._key(k, n): v.cpu() for k, p in self.proxies.items() for n, v in p.state_dict().items()}
+        from dcgh_dist.losses import proxies_state
+
+        return proxies_state(self.proxies, self.lengths[0])
 
     def extra_train_state(self):
         return {("proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"): o.state_dict()
                 for k, o in self.proxy_opts.items()}
 
     def load(self, extra_state, train_state):
-        for k, p in self.proxies.items():
-            p.load_state_dict({n: extra_state[self._key(k, n)] for n in p.state_dict()})
+        from dcgh_dist.losses import load_proxies_state
+
+        load_proxies_state(self.proxies, self.lengths[0], extra_state)
+        for k, opt in self.proxy_opts.items():
             name = "proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"
             if name in train_state:
-                self.proxy_opts[k].load_state_dict(train_state[name])
+                opt.load_state_dict(train_state[name])
 
 
 class DAPHProxyObjective(Objective):
