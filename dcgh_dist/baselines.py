@@ -78,23 +78,38 @@ def random_rotation(num_classes: int, bits: int, seed: int) -> np.ndarray:
     return q.T if num_classes <= bits else q
 
 
-def linear_hashing(rows: dict[str, np.ndarray], bits: int, seed: int, rel: float) -> dict[str, np.ndarray]:
-    """Relaxed codes (sign is taken by the metrics) of every row, fitted on the train split."""
+def ridge_projections(rows: dict[str, np.ndarray], rel: float) -> dict[str, np.ndarray]:
+    """Every row's features mapped into label space by the ridge fitted on the train split
+    (per modality): the part of linear hashing that does not depend on the code length."""
     train = rows["split"] == "train"
-    rot = random_rotation(rows["labels"].shape[1], bits, seed)
     out = {}
     for m in ("image", "text"):
         x = rows[f"{m}_features"]
         mu, w = fit_ridge(x[train], rows["labels"][train], rel)
-        out[f"{m}_codes"] = (x - mu) @ w @ rot
+        out[m] = (x - mu) @ w
     return out
+
+
+def linear_hashing(rows: dict[str, np.ndarray], bits: int, seed: int, rel: float,
+                   projections: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Relaxed codes (sign is taken by the metrics) of every row, fitted on the train split;
+    ``projections`` (``ridge_projections(rows, rel)``) when the caller has them already."""
+    projections = projections if projections is not None else ridge_projections(rows, rel)
+    rot = random_rotation(rows["labels"].shape[1], bits, seed)
+    return {f"{m}_codes": z @ rot for m, z in projections.items()}
 
 
 def linear_baseline(uri: str, info: DatasetInfo, cfg: Config, files: Sequence[str] | None = None,
                     bits: int | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Metrics and PR curves of linear hashing at ``bits`` (default ``model.bits``), scored
     exactly like the trained model."""
-    bits = bits or cfg.model.bits
+    return linear_baselines(uri, info, cfg, files, (bits or cfg.model.bits,))[bits or cfg.model.bits]
+
+
+def linear_baselines(uri: str, info: DatasetInfo, cfg: Config, files: Sequence[str] | None = None,
+                     lengths: Sequence[int] | None = None) -> dict[int, tuple[dict[str, Any], dict[str, dict]]]:
+    """``linear_baseline`` at each code length (default ``model.lengths``), reading the features
+    and fitting each ridge strength once for all of them."""
     from dcgh_dist.evaluation import score
     from dcgh_dist.metrics import validation_metrics
 
@@ -102,19 +117,24 @@ def linear_baseline(uri: str, info: DatasetInfo, cfg: Config, files: Sequence[st
     if not (rows["split"] == "train").any():
         raise ValueError(f"{uri}: the linear baseline needs rows in the 'train' split")
     val = rows["split"] == "val"
-    rel, chosen_on = RIDGE_GRID[2], "default"
-    if val.sum() > 1:
-        scores = {}
-        for r in RIDGE_GRID:
-            codes = linear_hashing(rows, bits, cfg.train.seed, r)
-            scores[r] = validation_metrics({"image_codes": codes["image_codes"][val],
-                                            "text_codes": codes["text_codes"][val],
-                                            "labels": rows["labels"][val]})["val_map"]
-        rel, chosen_on = max(scores, key=lambda r: (scores[r], -r)), "val"
-    codes = linear_hashing(rows, bits, cfg.train.seed, rel)
-    metrics, curves = score({**codes, "labels": rows["labels"], "split": rows["split"]}, cfg)
-    metrics["ridge_rel"] = rel
-    metrics["ridge_chosen_on"] = chosen_on
-    logger.info("linear hashing baseline: ridge %g (chosen on %s), mAP i2t %.4f t2i %.4f",
-                rel, chosen_on, metrics["map_i2t"], metrics["map_t2i"])
-    return metrics, curves
+    grid = RIDGE_GRID if val.sum() > 1 else (RIDGE_GRID[2],)
+    projections = {r: ridge_projections(rows, r) for r in grid}
+    out = {}
+    for bits in lengths or cfg.model.lengths:
+        rel, chosen_on = RIDGE_GRID[2], "default"
+        if val.sum() > 1:
+            scores = {}
+            for r in RIDGE_GRID:
+                codes = linear_hashing(rows, bits, cfg.train.seed, r, projections[r])
+                scores[r] = validation_metrics({"image_codes": codes["image_codes"][val],
+                                                "text_codes": codes["text_codes"][val],
+                                                "labels": rows["labels"][val]})["val_map"]
+            rel, chosen_on = max(scores, key=lambda r: (scores[r], -r)), "val"
+        codes = linear_hashing(rows, bits, cfg.train.seed, rel, projections[rel])
+        metrics, curves = score({**codes, "labels": rows["labels"], "split": rows["split"]}, cfg)
+        metrics["ridge_rel"] = rel
+        metrics["ridge_chosen_on"] = chosen_on
+        logger.info("linear hashing baseline, %d bits: ridge %g (chosen on %s), mAP i2t %.4f t2i %.4f",
+                    bits, rel, chosen_on, metrics["map_i2t"], metrics["map_t2i"])
+        out[bits] = (metrics, curves)
+    return out

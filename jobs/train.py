@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch  # noqa: F401
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dcgh_dist.baselines import has_linear_baseline, linear_baseline
+    from dcgh_dist.baselines import has_linear_baseline, linear_baselines
     from dcgh_dist.evaluation import evaluate, write_pr_plot
     from dcgh_dist.ray_session import ray_session
     from dcgh_dist.train.loop import best_val_epoch
@@ -100,13 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plan = plan_run(build_config(args), resume=args.resume)
     cfg = plan.cfg  # model.family resolved against the dataset
     is_daph, stage = cfg.train.method == "daph", cfg.daph.stage
-    reuse_stage1 = False
+    proxy_codes = None  # read once here when they exist already, handed to stage 2
     if is_daph and (stage == "2" or (stage == "all" and args.resume)):
         # stage 2 alone must find proxy codes of this very dataset; --resume of both stages
         # skips a stage 1 that already finished
         try:
-            daph.read_proxy_codes(daph.proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
-            reuse_stage1 = True
+            proxy_codes = daph.read_proxy_codes(daph.proxy_codes_path(cfg), cfg, plan.scan.fingerprint,
+                                                plan.scan.info.num_classes)
         except FileNotFoundError:
             if stage == "2":
                 raise
@@ -118,14 +118,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stage1 = None
     with ray_session(cfg.train.ray_address, num_cpus=cfg.train.ray_num_cpus, dashboard=True):
         t0 = time.time()
-        if is_daph and stage in ("1", "all") and not reuse_stage1:
+        if is_daph and stage in ("1", "all") and proxy_codes is None:
             _, stage1 = daph.run_stage1(cfg, resume=args.resume)
             if stage == "1":
                 print(json.dumps(stage1, indent=2), flush=True)
                 return {"method": "daph", "stage": "1", "daph_stage1": stage1,
                         "proxy_codes": daph.proxy_codes_path(cfg)}
         if is_daph:
-            outcome = run_training(cfg, plan=plan, objective="daph-hash", anchors=daph.stage2_anchors(cfg, plan))
+            outcome = run_training(cfg, plan=plan, objective="daph-hash",
+                                   anchors=daph.stage2_anchors(cfg, plan, proxy_codes))
         else:
             outcome = run_training(cfg, plan=plan)
         train_s = time.time() - t0
@@ -146,9 +147,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             by_bits[k] = {**m_k, "untrained": base_k}
     linear, lin_curves = (None, None)
     if has_linear_baseline(info):
-        linear, lin_curves = linear_baseline(outcome.dataset_uri, info, cfg, outcome.scan.files)
+        lin = linear_baselines(outcome.dataset_uri, info, cfg, outcome.scan.files)
+        linear, lin_curves = lin[cfg.model.bits]
         for k in by_bits:
-            by_bits[k]["linear"] = linear_baseline(outcome.dataset_uri, info, cfg, outcome.scan.files, bits=k)[0]
+            by_bits[k]["linear"] = lin[k][0]
 
     history = outcome.history
     result = {

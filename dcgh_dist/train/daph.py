@@ -227,9 +227,11 @@ def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, flo
     return path, stats
 
 
-def stage2_anchors(cfg: Config, plan) -> Any:
-    """The checked proxy codes as one object-store entry for stage 2's workers."""
+def stage2_anchors(cfg: Config, plan, codes: dict[str, Any] | None = None) -> Any:
+    """The checked proxy codes (``codes``, if the caller has read them already) as one
+    object-store entry for stage 2's workers."""
     import ray
 
-    codes = read_proxy_codes(proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
+    if codes is None:
+        codes = read_proxy_codes(proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
     return ray.put({k: codes[k] for k in ("image_codes", "text_codes", "labels", "class_codes")})
