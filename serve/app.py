@@ -5,8 +5,10 @@
 
 Deployments (docs/SERVE.md):
 
-* ``QueryEncoder``: the checkpoint's towers behind ``@serve.batch`` (concurrent queries are
-  encoded together), on a GPU when the deployment asks for one.
+* The checkpoint's towers behind ``@serve.batch`` (concurrent queries are encoded together):
+  inside the Frontend by default (``encoder.placement: ingress``: one Serve hop fewer per
+  query), or a ``QueryEncoder`` deployment of their own (``placement: deployment``), on a GPU
+  when it asks for one.
 * ``IndexShards-<modality>-<g>``, one deployment per shard group and modality: each replica holds
   the shards ``i`` of one modality's index with ``i % groups == g``, so an index larger than one
   machine spreads over replicas. Its manifest is its ``user_config``: ``serve deploy`` of a config
@@ -18,7 +20,8 @@ Deployments (docs/SERVE.md):
   query out to every shard group and merges their top k by (distance, id); a query that cannot
   reach every group fails with 503 naming the groups that did not answer.
 
-The server never fetches a URL and never opens a path that came from a client.
+The server never fetches a URL and never opens a path that came from a client, and every
+replica's sockets listen on the node's address only (``_bind_replica_grpc_to_node``).
 """
 
 # No `from __future__ import annotations`: FastAPI builds the request models from the route
@@ -37,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -79,10 +82,25 @@ class DeploymentOptions(BaseModel):
 
 
 class EncoderOptions(DeploymentOptions):
+    # Where the towers run. "ingress": inside each Frontend replica, which saves a Serve hop per
+    # query (about 5 ms on a 2-core node, docs/BENCHMARKS.md); the frontend's replica settings
+    # then size it. "deployment": a QueryEncoder deployment of its own, e.g. on GPU nodes
+    # (num_gpus) while the frontend stays on CPU nodes; this deployment's settings size it.
+    placement: Literal["ingress", "deployment"] = "ingress"
     max_batch_size: int = Field(32, ge=1)
-    # How long a lone query waits for others to share its forward pass: latency at low load,
-    # throughput at high load.
-    batch_wait_timeout_s: float = Field(0.003, ge=0)
+    # How long a lone query waits for others to share its forward pass. 0: none; under load,
+    # the queries that arrive while a forward pass runs still form the next batch.
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _sizing_needs_a_deployment(self):
+        # In the ingress, these would be silently ignored: say so instead.
+        sized = [f for f in ("autoscaling_config", "max_ongoing_requests", "num_cpus", "num_gpus")
+                 if getattr(self, f) is not None] + (["num_replicas"] if self.num_replicas != 1 else [])
+        if sized and self.placement == "ingress":
+            raise ValueError(f"encoder.{', encoder.'.join(sized)} size a QueryEncoder deployment: set "
+                             "encoder.placement: deployment, or size the frontend (the towers run in it)")
+        return self
 
 
 class AppArgs(BaseModel):
@@ -108,10 +126,48 @@ class AppArgs(BaseModel):
 # Deployments
 
 
-@serve.deployment
-class QueryEncoder:
+def _bind_replica_grpc_to_node() -> None:
+    """Make this replica's internal gRPC server listen on the node's address, not every interface.
+
+    Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on ``[::]:0`` (all
+    interfaces, no authentication, no setting to change it: ray-project/ray#64544). It starts it
+    after the deployment's constructor, from ``ray.serve._private.replica``'s reference to
+    ``add_port_to_grpc_server``, so each deployment's constructor calls this first: the server
+    then binds the address Ray's own servers bind (127.0.0.1 on a local cluster, the pod's IP
+    on Kubernetes, where other nodes must reach it). ``tests/test_serve.py`` checks every
+    listening socket of a running deployment, so a Ray that moves the call fails there.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "node_address", None):
+        return
+    host = ray.util.get_node_ip_address()
+    host = f"[{host}]" if ":" in host else host
+
+    def on_node_address(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return bind(server, address)
+
+    on_node_address.node_address = host
+    replica.add_port_to_grpc_server = on_node_address
+
+
+
+class BatchedEncoder:
+    """The checkpoint's towers behind ``@serve.batch``: concurrent queries share one forward pass.
+
+    Used inside the Frontend (``encoder.placement: ingress``) or as the ``QueryEncoder``
+    deployment. The forward pass runs in a worker thread (torch releases the GIL), so the
+    replica's event loop keeps taking requests, which queue into the next batch.
+    """
+
     def __init__(self, checkpoint: str, s3_endpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
         from dcgh_dist.models.encoder import Encoder
+
+        _bind_replica_grpc_to_node()
 
         self.encoder = Encoder.from_checkpoint(checkpoint, s3_endpoint=s3_endpoint)
         for method in (self.encode_text, self.encode_image):
@@ -120,13 +176,16 @@ class QueryEncoder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def encode_text(self, texts: list[str]) -> list[tuple[bytes, str]]:
-        out = self.encoder.encode_texts(texts)
+        out = await asyncio.to_thread(self.encoder.encode_texts, texts)
         return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def encode_image(self, images: list[bytes]) -> list[tuple[bytes, str]]:
-        out = self.encoder.encode_images(images)
+        out = await asyncio.to_thread(self.encoder.encode_images, images)
         return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
+
+
+QueryEncoder = serve.deployment(BatchedEncoder, name="QueryEncoder")
 
 
 @serve.deployment
@@ -135,6 +194,7 @@ class IndexShards:
 
     def __init__(self, modality: str, group: int, groups: int, s3_endpoint: str | None, fingerprint: str,
                  bits: int):
+        _bind_replica_grpc_to_node()
         self.modality, self.group, self.groups, self.s3_endpoint = modality, group, groups, s3_endpoint
         self.fingerprint, self.bits = fingerprint, bits
         self.index = None
@@ -181,6 +241,8 @@ class IndexShards:
 class ItemLookup:
     def __init__(self, dataset: str, s3_endpoint: str | None):
         from serve.items import ItemStore
+
+        _bind_replica_grpc_to_node()
 
         self.store = ItemStore(dataset, s3_endpoint)
 
@@ -255,7 +317,14 @@ def _validation_error(e: ValidationError) -> ApiError:
 @serve.ingress(api)
 class Frontend:
     def __init__(self, encoder, groups: dict[str, list], items, settings: dict):
-        self.encoder, self.groups, self.items = encoder, groups, items
+        _bind_replica_grpc_to_node()
+        # encoder: a QueryEncoder handle, or BatchedEncoder's arguments to build it in this replica
+        if isinstance(encoder, dict):
+            local = BatchedEncoder(**encoder)
+            self._encode = {"text": local.encode_text, "image": local.encode_image}
+        else:
+            self._encode = {"text": encoder.encode_text.remote, "image": encoder.encode_image.remote}
+        self.groups, self.items = groups, items
         self.s = settings
 
     # -- validation ---------------------------------------------------------------------------
@@ -292,8 +361,7 @@ class Frontend:
     # -- the query path -----------------------------------------------------------------------
 
     async def _codes(self, modality: str, payload) -> bytes:
-        method = self.encoder.encode_text if modality == "text" else self.encoder.encode_image
-        codes, error = await method.remote(payload)
+        codes, error = await self._encode[modality](payload)
         if error:
             raise ApiError(422, modality, error.split(": ", 1)[-1] if ": row id" in error else error)
         return codes
@@ -460,8 +528,10 @@ def build_app(args: AppArgs) -> Application:
         dataset = resolve_dataset(replace(meta.config.data, dataset=args.dataset, s3_endpoint=args.s3_endpoint))
         items = ItemLookup.options(**args.metadata.options()).bind(dataset, args.s3_endpoint)
     enc = args.encoder
-    encoder = QueryEncoder.options(**enc.options()).bind(args.checkpoint, args.s3_endpoint, enc.max_batch_size,
-                                                           enc.batch_wait_timeout_s)
+    encoder = {"checkpoint": args.checkpoint, "s3_endpoint": args.s3_endpoint, "max_batch_size": enc.max_batch_size,
+               "batch_wait_timeout_s": enc.batch_wait_timeout_s}
+    if enc.placement == "deployment":
+        encoder = QueryEncoder.options(**enc.options()).bind(**encoder)
     settings = {"max_k": args.max_k, "max_text_chars": args.max_text_chars, "max_image_bytes": args.max_image_bytes,
                 "max_image_pixels": args.max_image_pixels, "fingerprint": meta.fingerprint,
                 "bits": meta.config.model.bits}

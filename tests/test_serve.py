@@ -103,7 +103,7 @@ def served(tmp_path_factory, demo_small, ray_cluster):
     zero = {"num_cpus": 0}
     args = AppArgs(checkpoint=ckpt, indexes=indexes, dataset=demo_small, max_k=200, max_text_chars=200,
                    max_image_bytes=200_000, max_image_pixels=4_000_000, shards_per_replica=1,
-                   encoder={"num_cpus": 0.5, "max_batch_size": 8}, index=zero, metadata=zero, frontend=zero)
+                   encoder={"max_batch_size": 8}, index=zero, metadata=zero, frontend=zero)
     deploy(args.model_dump(exclude_none=True))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -117,6 +117,23 @@ def _search(url, **body):
 
 
 def test_only_loopback_and_the_openapi_doc(served):
+    """Every socket the deployment's processes listen on is loopback, the replicas' internal gRPC
+    servers included (Ray Serve binds those to every interface unless serve.app rebinds them)."""
+    import psutil
+
+    me = psutil.Process()
+    cmd = {}
+    for p in me.children(recursive=True):
+        try:
+            cmd[p.pid] = " ".join(p.cmdline())
+        except psutil.Error:
+            pass
+    listening = [(c.laddr.ip, c.laddr.port, cmd[c.pid]) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in cmd]
+    replicas = {n for _, _, n in listening if n.startswith("ray::ServeReplica")}
+    # the frontend, the item lookup and the six index groups: each runs its own gRPC server
+    assert len(replicas) >= 8, replicas
+    assert [x for x in listening if x[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == []
     r = requests.get(f"{served['url']}/openapi.json", timeout=30)
     assert r.status_code == 200 and "/search" in r.json()["paths"] and "/search/image" in r.json()["paths"]
     assert requests.get(f"{served['url']}/healthz", timeout=30).json() == {"status": "ok"}
@@ -147,6 +164,29 @@ def test_results_equal_sharded_index_search(served):
         for d in set(D2[0].tolist()) - {D2[0][-1]}:
             assert {i for dd, i in got if dd == d} == set(I2[0][D2[0] == d].tolist())
         assert all(x["caption"] and x["image_url"] == f"/items/{x['id']}/image" for x in body["results"])
+
+
+def test_encoder_as_its_own_deployment_answers_the_same(served):
+    """encoder.placement: deployment (a QueryEncoder deployment, e.g. on GPU nodes) gives the
+    answers of the default, where the towers run in the frontend."""
+    from pydantic import ValidationError
+    from ray import serve
+
+    from serve.app import AppArgs, EncoderOptions, build_app
+
+    args = served["args"].model_copy(update={"indexes": {"image": served["indexes"]["image"]}, "dataset": None,
+                                             "encoder": EncoderOptions(placement="deployment", num_cpus=0)})
+    serve.run(build_app(args), name="dcgh-encoder", route_prefix="/enc")
+    try:
+        assert "QueryEncoder" in serve.status().applications["dcgh-encoder"].deployments
+        for text in ("a red circle", "blue"):
+            ids = [[x["id"] for x in _search(url, text=text, k=20).json()["results"]]
+                   for url in (served["url"], served["url"] + "/enc")]
+            assert ids[0] == ids[1] and len(ids[0]) == 20
+    finally:
+        serve.delete("dcgh-encoder")
+    with pytest.raises(ValidationError, match="encoder.num_gpus size a QueryEncoder deployment"):
+        AppArgs.model_validate({**args.model_dump(), "encoder": {"num_gpus": 1}})
 
 
 def test_image_and_id_queries(served):
