@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--placements", default="ingress,deployment",
+                   help="encoder.placement values to measure on the large index (the demo uses the first)")
     p.add_argument("--skip-fault", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     clients = [int(c) for c in args.clients.split(",")]
-    rows, fault = [], None
+    rows, fault, floors = [], None, []
     try:
         with ray_session(num_cpus=4):
             demo = ensure_demo_dataset(2000, 0, os.path.join(work, "data"))
@@ -137,12 +139,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 port = s.getsockname()[1]
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/search"
-            for label, index_uri, dataset in (("demo (3,600 items, 1 shard)", demo_index, demo),
-                                              (f"random {args.n} x 64 bits (2 shards, 2 groups)", big, None)):
+            placements = args.placements.split(",")
+            runs = [("demo (3,600 items, 1 shard)", demo_index, demo, placements[0])]
+            runs += [(f"random {args.n} x 64 bits (2 shards, 2 groups)", big, None, p) for p in placements]
+            for label, index_uri, dataset, placement in runs:
                 zero = {"num_cpus": 0}
+                encoder = {"placement": placement, **(zero if placement == "deployment" else {})}
                 serve.run(build_app(AppArgs(checkpoint=ckpt, indexes={"image": index_uri}, dataset=dataset,
-                                            encoder={"num_cpus": 0}, index=zero, metadata=zero, frontend=zero)),
+                                            encoder=encoder, index=zero, metadata=zero, frontend=zero)),
                           name="dcgh", route_prefix="/")
+                label = f"{label}, encoder in {placement}"
                 session = requests.Session()
                 index = ShardedIndex.open(index_uri)
                 expected = {q: index.search_stable(qcodes[i:i + 1], args.k)[1][0].tolist() for i, q in enumerate(QUERIES)}
@@ -158,12 +164,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
                 for _ in range(3):
                     http(0)  # warm-up: first batches, page cache
+                # The fixed cost of the HTTP proxy and the ingress alone: GET /healthz does nothing else.
+                health = closed_loop(lambda i: session.get(url[:-len("/search")] + "/healthz", timeout=60).ok, 1,
+                                     min(3.0, args.seconds))
+                floors.append((label, health))
                 for c in clients:
                     a = closed_loop(http, c, args.seconds)
                     b = closed_loop(local, c, args.seconds)
                     rows.append((label, c, a, b))
                     print(f"  {label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process", flush=True)
-                if index_uri == big and not args.skip_fault:
+                if index_uri == big and fault is None and not args.skip_fault:
                     fault = kill_a_group_under_load(url, expected, args.k)
                 index.close()
             serve.shutdown()
@@ -177,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for label, c, a, b in rows:
         print(f"| {label} | {c} | {a['qps']:.1f} | {a['p50']:.1f} | {a['p95']:.1f} | {a['p99']:.1f} | "
               f"{b['qps']:.1f} | {b['p50']:.1f} | {b['p99']:.1f} | {a['p50'] / b['p50']:.2f}x | {a['errors']} |")
+    print("\n| app | GET /healthz p50 ms (proxy + ingress, nothing else) | p99 ms |\n|---|---|---|")
+    for label, h in floors:
+        print(f"| {label} | {h['p50']:.1f} | {h['p99']:.1f} |")
     if fault:
         print("\n| fault: one IndexShards replica killed under 4 clients | value |\n|---|---|")
         for k, v in fault.items():
