@@ -155,7 +155,6 @@ def _bind_replica_grpc_to_node() -> None:
     replica.add_port_to_grpc_server = on_node_address
 
 
-
 class BatchedEncoder:
     """The checkpoint's towers behind ``@serve.batch``: concurrent queries share one forward pass.
 
