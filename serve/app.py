@@ -21,7 +21,7 @@ Deployments (docs/SERVE.md):
   reach every group fails with 503 naming the groups that did not answer.
 
 The server never fetches a URL and never opens a path that came from a client, and every
-replica's sockets listen on the node's address only (``_bind_replica_grpc_to_node``).
+replica's sockets listen on the node's address only (``_on_node_address``).
 """
 
 # No `from __future__ import annotations`: FastAPI builds the request models from the route
@@ -29,6 +29,7 @@ replica's sockets listen on the node's address only (``_bind_replica_grpc_to_nod
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import logging
 import math
@@ -132,9 +133,9 @@ def _bind_replica_grpc_to_node() -> None:
     Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on ``[::]:0`` (all
     interfaces, no authentication, no setting to change it: ray-project/ray#64544). It starts it
     after the deployment's constructor, from ``ray.serve._private.replica``'s reference to
-    ``add_port_to_grpc_server``, so each deployment's constructor calls this first: the server
-    then binds the address Ray's own servers bind (127.0.0.1 on a local cluster, the pod's IP
-    on Kubernetes, where other nodes must reach it). ``tests/test_serve.py`` checks every
+    ``add_port_to_grpc_server``, so each deployment's constructor calls this first
+    (``_on_node_address``): the server then binds the address Ray's own servers bind (127.0.0.1
+    on a local cluster, the pod's IP on Kubernetes, where other nodes must reach it). ``tests/test_serve.py`` checks every
     listening socket of a running deployment, so a Ray that moves the call fails there.
     """
     import ray
@@ -155,6 +156,20 @@ def _bind_replica_grpc_to_node() -> None:
     replica.add_port_to_grpc_server = on_node_address
 
 
+def _on_node_address(cls):
+    """Class decorator under every ``@serve.deployment`` of this app: the replica's constructor
+    first rebinds its internal gRPC server (``_bind_replica_grpc_to_node``)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _bind_replica_grpc_to_node()
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 class BatchedEncoder:
     """The checkpoint's towers behind ``@serve.batch``: concurrent queries share one forward pass.
 
@@ -165,8 +180,6 @@ class BatchedEncoder:
 
     def __init__(self, checkpoint: str, s3_endpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
         from dcgh_dist.models.encoder import Encoder
-
-        _bind_replica_grpc_to_node()
 
         self.encoder = Encoder.from_checkpoint(checkpoint, s3_endpoint=s3_endpoint)
         for method in (self.encode_text, self.encode_image):
@@ -184,16 +197,19 @@ class BatchedEncoder:
         return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
 
 
-QueryEncoder = serve.deployment(BatchedEncoder, name="QueryEncoder")
+@serve.deployment
+@_on_node_address
+class QueryEncoder(BatchedEncoder):
+    """The batched towers as a deployment of their own (``encoder.placement: deployment``)."""
 
 
 @serve.deployment
+@_on_node_address
 class IndexShards:
     """The shards ``i % groups == group`` of one modality's index; the manifest in user_config."""
 
     def __init__(self, modality: str, group: int, groups: int, s3_endpoint: str | None, fingerprint: str,
                  bits: int):
-        _bind_replica_grpc_to_node()
         self.modality, self.group, self.groups, self.s3_endpoint = modality, group, groups, s3_endpoint
         self.fingerprint, self.bits = fingerprint, bits
         self.index = None
@@ -237,11 +253,10 @@ class IndexShards:
 
 
 @serve.deployment
+@_on_node_address
 class ItemLookup:
     def __init__(self, dataset: str, s3_endpoint: str | None):
         from serve.items import ItemStore
-
-        _bind_replica_grpc_to_node()
 
         self.store = ItemStore(dataset, s3_endpoint)
 
@@ -314,9 +329,9 @@ def _validation_error(e: ValidationError) -> ApiError:
 
 @serve.deployment
 @serve.ingress(api)
+@_on_node_address
 class Frontend:
     def __init__(self, encoder, groups: dict[str, list], items, settings: dict):
-        _bind_replica_grpc_to_node()
         # encoder: a QueryEncoder handle, or BatchedEncoder's arguments to build it in this replica
         if isinstance(encoder, dict):
             local = BatchedEncoder(**encoder)
