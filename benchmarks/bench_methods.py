@@ -30,8 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--multi", action="store_true",
-                   help="also train DCGH at every --bits length in one run (model.bits as a list) per seed, "
-                        "and compare each head with the separate runs and the time with theirs summed")
+                   help="also train each method at every --bits length in one run (model.bits as a list) per "
+                        "seed, and compare each head with the separate runs and the time with theirs summed")
     p.add_argument("--skip", nargs="*", default=[], help="method-bits pairs not to run, e.g. daph-16")
     p.add_argument("overrides", nargs="*", help="extra section.key=value settings")
     args = p.parse_args(argv)
@@ -57,15 +57,15 @@ def main(argv=None) -> None:
                     r["wall"] = time.perf_counter() - t0
                     runs.setdefault((method, bits), []).append(r)
 
-        multi = []
-        if args.multi:
+        multi: dict[str, list[dict]] = {}
+        for method in args.methods if args.multi else ():
             for seed in args.seeds:
-                out = os.path.join(work, f"dcgh-multi-{seed}")
+                out = os.path.join(work, f"{method}-multi-{seed}")
                 t0 = time.perf_counter()
-                r = train_job.main(["--dataset", args.dataset, "--output-dir", out,
+                r = train_job.main(["--dataset", args.dataset, "--output-dir", out, "--method", method,
                                     f"model.bits={list(args.bits)}", f"train.seed={seed}", *args.overrides])
                 r["wall"] = time.perf_counter() - t0
-                multi.append(r)
+                multi.setdefault(method, []).append(r)
 
     print(f"\nmachine: {machine()}")
     print(f"runs in {work}")
@@ -81,11 +81,11 @@ def main(argv=None) -> None:
             print(f"| {bits} | {method.upper()} | {spread([r['map_i2t'] for r in rs])} | "
                   f"{spread([r['map_t2i'] for r in rs])} | {spread([float(r['epochs_run']) for r in rs])} | "
                   f"{statistics.mean(r['wall'] for r in rs):.0f} |")
-        if multi:
-            heads = [r["by_bits"][str(bits)] for r in multi]
-            print(f"| {bits} | DCGH, one run for {args.bits} | {spread([h['map_i2t'] for h in heads])} | "
-                  f"{spread([h['map_t2i'] for h in heads])} | {spread([float(r['epochs_run']) for r in multi])} | "
-                  f"{statistics.mean(r['wall'] for r in multi):.0f} |")
+        for method, ms in multi.items():
+            heads = [r["by_bits"][str(bits)] for r in ms]
+            print(f"| {bits} | {method.upper()}, one run for {args.bits} | {spread([h['map_i2t'] for h in heads])} | "
+                  f"{spread([h['map_t2i'] for h in heads])} | {spread([float(r['epochs_run']) for r in ms])} | "
+                  f"{statistics.mean(r['wall'] for r in ms):.0f} |")
         first = runs.get((args.methods[0], bits))
         if not first:
             continue
@@ -94,12 +94,14 @@ def main(argv=None) -> None:
                 print(f"| {bits} | {name} | {spread([r[name]['map_i2t'] for r in first])} | "
                       f"{spread([r[name]['map_t2i'] for r in first])} | | |")
 
-    if multi and all(("dcgh", b) in runs for b in args.bits):
-        separate = [sum(runs[("dcgh", b)][i]["wall"] for b in args.bits) for i in range(len(args.seeds))]
-        ratio = [m["wall"] / s for m, s in zip(multi, separate)]
-        print(f"\none run for {args.bits} against {len(args.bits)} separate DCGH runs, same seeds, this process: "
-              f"{statistics.mean(r['wall'] for r in multi):.0f} s against {statistics.mean(separate):.0f} s "
-              f"(ratio {spread(ratio)})")
+    for method, ms in multi.items():
+        if not all((method, b) in runs for b in args.bits):
+            continue
+        separate = [sum(runs[(method, b)][i]["wall"] for b in args.bits) for i in range(len(args.seeds))]
+        ratio = [m["wall"] / s for m, s in zip(ms, separate)]
+        print(f"\none {method.upper()} run for {args.bits} against {len(args.bits)} separate runs, same seeds, "
+              f"this process: {statistics.mean(r['wall'] for r in ms):.0f} s against "
+              f"{statistics.mean(separate):.0f} s (ratio {spread(ratio)})")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ class ModelConfig:
     pretrained: str | None = None
     # What stays frozen: "none", "towers" (train the hash heads only), "image", "text".
     freeze: Literal["none", "towers", "image", "text"] = "none"
-    # Code length. A list (`model.bits=[16,32,64]`) trains one hash head (and one set of class
-    # proxies) per length on the same towers in one run: the first is the primary length (what
+    # Code length. A list (`model.bits=[16,32,64]`) trains one hash head (and DCGH's class
+    # proxies, or DAPH's stage-1 code layers and class net) per length on the same towers in one
+    # run, the loss summed over lengths (``loss.bits_weights``): the first is the primary length (what
     # validation, serving and `--bits`-less encoding use), the others land in ``extra_bits``.
     bits: int = 64
     extra_bits: tuple[int, ...] = ()
@@ -64,7 +65,7 @@ class LossConfig:
     pairwise_neg_weight: float = 0.8
     variance_weight: float = 1.0
     variance_mode: Literal["reference", "masked"] = "reference"
-    # Several code lengths (model.extra_bits): the loss is the weighted sum over lengths, one
+    # Several code lengths (model.extra_bits; DCGH and both DAPH stages): the loss is the weighted sum over lengths, one
     # weight per length in the order [bits, *extra_bits]; empty = 1 each.
     bits_weights: tuple[float, ...] = ()
     # "global": pair terms between the local batch and codes gathered from all workers;
@@ -366,9 +367,6 @@ class Config:
         if self.loss.bits_weights and len(self.loss.bits_weights) != len(lengths):
             raise ValueError(f"loss.bits_weights has {len(self.loss.bits_weights)} weights for "
                              f"{len(lengths)} code lengths {list(lengths)}")
-        if len(lengths) > 1 and self.train.method != "dcgh":
-            raise ValueError("several code lengths in one run (model.bits as a list) work with "
-                             "train.method=dcgh only so far; train one DAPH run per length")
         if self.data.batch_size < 2:
             raise ValueError("data.batch_size must be >= 2: the pairwise terms need pairs")
         if self.train.epochs < 1:

@@ -34,6 +34,10 @@ class LabelProxyEncoder(nn.Module):
     code layer of the *image* proxy net out of the optimiser, so they keep their random
     initialisation (DAPH.md §4.4). Setting it freezes the same three layers (the backbone still
     trains, through them); the text proxy net trains fully in the reference.
+
+    ``extra_bits``: further code lengths, each with its own code layer on the same fused
+    feature (one backbone pass for every length, as ``CrossModalHasher`` does); ``codes()``
+    returns every length's code, ``forward()`` the primary one's.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class LabelProxyEncoder(nn.Module):
         hidden: int = 512,
         label_dropout: float = 0.1,
         freeze_reference_layers: bool = False,
+        extra_bits: tuple[int, ...] = (),
     ):
         super().__init__()
         dim = feature_dim if feature_dim is not None else getattr(backbone, "out_dim", None)
@@ -57,20 +62,33 @@ class LabelProxyEncoder(nn.Module):
             nn.Linear(num_classes, hidden), nn.ReLU(), nn.Dropout(label_dropout), nn.Linear(hidden, hidden)
         )
         self.code = nn.Linear(hidden, bits)
+        self.extra_bits = tuple(extra_bits)
+        if self.extra_bits:  # absent for one length: a one-length checkpoint keeps its names
+            self.extra_codes = nn.ModuleDict({str(k): nn.Linear(hidden, k) for k in self.extra_bits})
         self.num_classes = num_classes
         self.bits = bits
         if freeze_reference_layers:
             self.freeze_reference_layers_()
 
     def freeze_reference_layers_(self) -> None:
-        for module in (self.proj, self.label_mlp, self.code):
+        layers = [self.proj, self.label_mlp, self.code]
+        if self.extra_bits:  # the extra lengths' code layers stand where the reference's one does
+            layers.append(self.extra_codes)
+        for module in layers:
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def forward(self, inputs: Tensor, labels: Tensor) -> Tensor:
+    def codes(self, inputs: Tensor, labels: Tensor) -> dict[int, Tensor]:
+        """{bits: (B, bits) unit codes} for every length, the primary first."""
         feat = F.normalize(self.proj(self.backbone(inputs)), p=2, dim=1)
-        lab = F.normalize(self.label_mlp(labels.to(feat.dtype)), p=2, dim=1)
-        return F.normalize(self.code(feat + lab), p=2, dim=1)
+        fused = feat + F.normalize(self.label_mlp(labels.to(feat.dtype)), p=2, dim=1)
+        out = {self.bits: F.normalize(self.code(fused), p=2, dim=1)}
+        for k in self.extra_bits:
+            out[k] = F.normalize(self.extra_codes[str(k)](fused), p=2, dim=1)
+        return out
+
+    def forward(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        return self.codes(inputs, labels)[self.bits]
 
 
 class ClassNet(nn.Module):
@@ -103,16 +121,36 @@ class DAPHProxyNets(nn.Module):
 
     ``forward(batch)`` reads the image and text inputs (``image_key``/``text_key``, as the project's
     hasher) and ``labels``, and returns ``{"image_codes", "text_codes", "class_codes"}``: the
-    inputs of ``daph_proxy_loss``.
+    inputs of ``daph_proxy_loss``. With several code lengths (the encoders' ``extra_bits``) each
+    extra length ``K`` has its own class net (``extra_classes``) and adds ``image_codes@K``,
+    ``text_codes@K`` and ``class_codes@K``, the names ``CrossModalHasher`` gives its extra heads.
     """
 
     def __init__(self, image: LabelProxyEncoder, text: LabelProxyEncoder, classes: ClassNet,
-                 image_key: str = "image", text_key: str = "text", label_key: str = "labels"):
+                 image_key: str = "image", text_key: str = "text", label_key: str = "labels",
+                 extra_classes: dict[int, ClassNet] | None = None):
         super().__init__()
         self.image = image
         self.text = text
         self.classes = classes
+        extra_classes = extra_classes or {}
+        if not (image.extra_bits == text.extra_bits == tuple(extra_classes)):
+            raise ValueError(f"the image ({image.extra_bits}), text ({text.extra_bits}) and class "
+                             f"({tuple(extra_classes)}) nets must have the same extra code lengths")
+        if extra_classes:
+            self.extra_classes = nn.ModuleDict({str(k): v for k, v in extra_classes.items()})
         self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return (self.image.bits, *self.image.extra_bits)
+
+    def class_codes(self) -> dict[int, Tensor]:
+        """{bits: (C, bits) unit class codes} for every length, the primary first."""
+        out = {self.image.bits: self.classes()}
+        for k in self.image.extra_bits:
+            out[k] = self.extra_classes[str(k)]()
+        return out
 
     # The training engine's two parameter groups, as for CrossModalHasher: the towers (small lr
     # when pretrained CLIP) and everything DAPH adds on top of them (head lr).
@@ -133,11 +171,12 @@ class DAPHProxyNets(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         labels = batch[self.label_key]
-        return {
-            "image_codes": self.image(batch[self.image_key], labels),
-            "text_codes": self.text(batch[self.text_key], labels),
-            "class_codes": self.classes(),
-        }
+        primary = self.image.bits
+        parts = {"image_codes": self.image.codes(batch[self.image_key], labels),
+                 "text_codes": self.text.codes(batch[self.text_key], labels),
+                 "class_codes": self.class_codes()}
+        return {name if k == primary else f"{name}@{k}": v
+                for name, by_len in parts.items() for k, v in by_len.items()}
 
 
 def build_daph_proxy_nets(
@@ -153,16 +192,19 @@ def build_daph_proxy_nets(
     """Stage-1 nets over the towers ``build_model`` makes for ``cfg`` (its hash heads unused).
 
     ``freeze_reference_layers`` applies to the image proxy net only, as in the reference.
+    ``cfg.extra_bits`` gives every net a code layer (and a class net) per extra length.
     """
     from dcgh_dist.models import build_model
 
     hasher = build_model(cfg, image_feature_dim=image_feature_dim, text_feature_dim=text_feature_dim,
                          clip_architecture=clip_architecture)
+    extra = tuple(cfg.extra_bits)
     return DAPHProxyNets(
-        LabelProxyEncoder(hasher.image_tower, num_classes, cfg.bits,
+        LabelProxyEncoder(hasher.image_tower, num_classes, cfg.bits, extra_bits=extra,
                           freeze_reference_layers=freeze_reference_layers),
-        LabelProxyEncoder(hasher.text_tower, num_classes, cfg.bits),
+        LabelProxyEncoder(hasher.text_tower, num_classes, cfg.bits, extra_bits=extra),
         ClassNet(num_classes, cfg.bits, hidden=class_hidden),
         image_key=hasher.image_key,
         text_key=hasher.text_key,
+        extra_classes={k: ClassNet(num_classes, k, hidden=class_hidden) for k in extra},
     )

@@ -7,7 +7,11 @@ training row its image-aware and text-aware codes (sign of the nets' outputs, in
 (loaded with ``allow_pickle=False``: never a pickle) whose ``meta`` entry records the format, the
 config and the dataset's fingerprint (``DatasetScan.fingerprint``: ids, splits and labels).
 
-Stage 2 refuses proxy codes made from another dataset (or for another bit length or class count),
+With several code lengths (``model.bits`` as a list) the file holds every length's codes, the
+primary length's under the plain names and each extra length ``K``'s as ``image_codes@K``,
+``text_codes@K`` and ``class_codes@K``; stage 2 trains each head against its own length.
+
+Stage 2 refuses proxy codes made from another dataset (or for other bit lengths or class count),
 then trains the project's own label-free hasher against them (``objectives.DAPHHashObjective``):
 its checkpoint is an ordinary one, so evaluation, encoding, indexes and the Serve app take it
 unchanged. The codes are ``ray.put`` once and read zero-copy by every worker.
@@ -56,16 +60,23 @@ def _signs(x: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(x) >= 0, 1, -1).astype(np.int8)
 
 
+def code_keys(cfg: Config) -> list[str]:
+    """The arrays of ±1 codes a proxy-code file holds for ``cfg``'s code lengths."""
+    primary = cfg.model.bits
+    return [name if k == primary else f"{name}@{k}" for k in cfg.model.lengths
+            for name in ("image_codes", "text_codes", "class_codes")]
+
+
 def write_proxy_codes(path: str, codes: dict[str, np.ndarray], cfg: Config, fingerprint: str) -> None:
     from dcgh_dist.storage import resolve_filesystem, write_bytes_atomic
 
     meta = {"format": PROXY_CODES_FORMAT, "dataset_fingerprint": fingerprint, "bits": cfg.model.bits,
+            "lengths": list(cfg.model.lengths),
             "num_classes": int(codes["labels"].shape[1]), "rows": int(len(codes["id"])),
             "train_mode": cfg.daph.proxy_codes_train_mode, "config": cfg.to_dict()}
     buf = io.BytesIO()
-    np.savez(buf, id=codes["id"].astype(np.int64), image_codes=_signs(codes["image_codes"]),
-             text_codes=_signs(codes["text_codes"]), labels=codes["labels"].astype(np.uint8),
-             class_codes=_signs(codes["class_codes"]), meta=np.array(json.dumps(meta)))
+    np.savez(buf, id=codes["id"].astype(np.int64), labels=codes["labels"].astype(np.uint8),
+             **{k: _signs(codes[k]) for k in code_keys(cfg)}, meta=np.array(json.dumps(meta)))
     fs, p = resolve_filesystem(path, cfg.data.s3_endpoint)
     write_bytes_atomic(fs, p, buf.getvalue())
 
@@ -94,10 +105,13 @@ def read_proxy_codes(path: str, cfg: Config, fingerprint: str, num_classes: int)
             f"{meta['dataset_fingerprint']}, this one is {fingerprint}: its ids, splits or labels "
             "differ); re-run stage 1 on this dataset"
         )
-    if meta["bits"] != cfg.model.bits or meta["num_classes"] != num_classes:
+    lengths = meta.get("lengths", [meta["bits"]])  # files of one length before multi-length runs
+    if lengths != list(cfg.model.lengths) or meta["num_classes"] != num_classes:
+        want = cfg.model.bits if len(cfg.model.lengths) == 1 else list(cfg.model.lengths)
+        have = meta["bits"] if len(lengths) == 1 else lengths
         raise ValueError(
-            f"{path}: proxy codes of {meta['bits']} bits and {meta['num_classes']} classes; this run "
-            f"has model.bits={cfg.model.bits} and {num_classes} classes"
+            f"{path}: proxy codes of {have} bits and {meta['num_classes']} classes; this run "
+            f"has model.bits={want} and {num_classes} classes"
         )
     out["meta"] = meta
     return out
@@ -122,11 +136,9 @@ class ProxyCodeBatches:
         with torch.no_grad():
             t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()
                  if k in (self.model.image_key, self.model.text_key, "labels")}
-            labels = t["labels"]
-            image = self.model.image(t[self.model.image_key], labels)
-            text = self.model.text(t[self.model.text_key], labels)
-        return {"id": batch["id"], "labels": batch["labels"], "image_codes": image.numpy(),
-                "text_codes": text.numpy()}
+            codes = self.model(t)  # every length's image and text codes (and the class codes)
+        return {"id": batch["id"], "labels": batch["labels"],
+                **{k: v.numpy() for k, v in codes.items() if not k.startswith("class_codes")}}
 
 
 def load_proxy_nets(files: dict[str, bytes]):
@@ -166,9 +178,17 @@ def export_proxy_codes(uri: str, info, cfg: Config, checkpoint_dir: str, files) 
     out = {k: v[order] for k, v in out.items()}
     nets, _ = load_proxy_nets(ckpt)
     nets.train(cfg.daph.proxy_codes_train_mode)
+    primary = nets.lengths[0]
     with torch.no_grad():
-        out["class_codes"] = nets.classes().numpy()
+        for k, c in nets.class_codes().items():
+            out["class_codes" if k == primary else f"class_codes@{k}"] = c.numpy()
     return out
+
+
+def length_codes(codes: dict[str, np.ndarray], bits: int, primary: int) -> dict[str, np.ndarray]:
+    """One code length's image, text and class codes (with the labels) under the plain names."""
+    s = "" if bits == primary else f"@{bits}"
+    return {"labels": codes["labels"], **{n: codes[f"{n}{s}"] for n in ("image_codes", "text_codes", "class_codes")}}
 
 
 def proxy_code_stats(codes: dict[str, np.ndarray], seed: int = 0, queries: int = 1000) -> dict[str, float]:
@@ -218,7 +238,12 @@ def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, flo
     codes = export_proxy_codes(plan.uri, plan.scan.info, plan.cfg, outcome.checkpoint_dir, plan.scan.files)
     path = proxy_codes_path(cfg)
     write_proxy_codes(path, codes, plan.cfg, plan.scan.fingerprint)
+    lengths = cfg.model.lengths
     stats = proxy_code_stats(codes, seed=cfg.train.seed)
+    if len(lengths) > 1:  # every length's statistics, the primary's also at the top level
+        stats["by_bits"] = {str(k): dict(stats) if k == lengths[0] else
+                            proxy_code_stats(length_codes(codes, k, lengths[0]), seed=cfg.train.seed)
+                            for k in lengths}
     with open(os.path.join(plan.output_dir, "proxy_code_stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
     logger.info("DAPH stage 1: proxy codes of %d rows in %s; proxy-code mAP on train i2t %.3f t2i %.3f, "
@@ -234,4 +259,4 @@ def stage2_anchors(cfg: Config, plan, codes: dict[str, Any] | None = None) -> An
 
     if codes is None:
         codes = read_proxy_codes(proxy_codes_path(cfg), cfg, plan.scan.fingerprint, plan.scan.info.num_classes)
-    return ray.put({k: codes[k] for k in ("image_codes", "text_codes", "labels", "class_codes")})
+    return ray.put({k: codes[k] for k in ("labels", *code_keys(cfg))})

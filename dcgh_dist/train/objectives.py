@@ -75,7 +75,6 @@ class DCGHObjective(Objective):
 
         self.cfg, self.info = cfg, info
         self.lengths = cfg.model.lengths
-        self.weights = cfg.loss.bits_weights or (1.0,) * len(self.lengths)
         self.proxies = {k: ClassProxies(info.num_classes, k, cfg.loss.proxy_seed) for k in self.lengths}
         self.proxy_opts = {k: p.make_optimizer(cfg.loss) for k, p in self.proxies.items()}
 
@@ -89,20 +88,8 @@ class DCGHObjective(Objective):
     def loss(self, codes, batch):
         from dcgh_dist.distributed import distributed_dcgh_loss
 
-        primary = self.lengths[0]
-        total, logged = None, {}
-        for k, w in zip(self.lengths, self.weights):
-            suffix = "" if k == primary else f"@{k}"
-            loss, terms = distributed_dcgh_loss(codes[f"image_codes{suffix}"], codes[f"text_codes{suffix}"],
-                                                batch["labels"], self.proxies[k](), self.cfg.loss)
-            total = w * loss if total is None else total + w * loss
-            if k == primary:
-                logged.update(terms)
-            if len(self.lengths) > 1:
-                logged[f"total@{k}"] = terms["total"]
-        if len(self.lengths) > 1:
-            logged["total"] = sum(w * logged[f"total@{k}"] for k, w in zip(self.lengths, self.weights))
-        return total, logged
+        return _sum_over_lengths(self.cfg, lambda k, s: distributed_dcgh_loss(
+            codes[f"image_codes{s}"], codes[f"text_codes{s}"], batch["labels"], self.proxies[k](), self.cfg.loss))
 
     def after_step(self, grad_scale: float) -> None:
         from dcgh_dist.distributed import all_reduce_grads
@@ -135,7 +122,30 @@ class DCGHObjective(Objective):
                 opt.load_state_dict(train_state[name])
 
 
+def _sum_over_lengths(cfg: Config, per_length) -> tuple[Tensor, dict[str, float]]:
+    """``sum_k w_k * loss_k`` over ``model.lengths`` with ``loss.bits_weights``; ``per_length(k,
+    suffix)`` gives one length's (loss, logged terms), ``suffix`` being the length's key suffix in
+    the model's outputs (``@K``; none for the primary length). Logs the primary length's terms under
+    their own names and, with several lengths, ``total@K`` per length and the weighted total."""
+    lengths = cfg.model.lengths
+    weights = cfg.loss.bits_weights or (1.0,) * len(lengths)
+    total, logged = None, {}
+    for k, w in zip(lengths, weights):
+        loss, terms = per_length(k, "" if k == lengths[0] else f"@{k}")
+        total = w * loss if total is None else total + w * loss
+        if k == lengths[0]:
+            logged.update(terms)
+        if len(lengths) > 1:
+            logged[f"total@{k}"] = terms["total"]
+    if len(lengths) > 1:
+        logged["total"] = sum(w * logged[f"total@{k}"] for k, w in zip(lengths, weights))
+    return total, logged
+
+
 class DAPHProxyObjective(Objective):
+    """DAPH stage 1; with several code lengths a code layer and a class net per length on one
+    pass of the backbones, the loss summed over lengths as DCGH's is."""
+
     log_terms = ("proxy_img", "proxy_txt", "orth", "balance", "quant")
 
     def __init__(self, cfg: Config, info: DatasetInfo):
@@ -153,18 +163,24 @@ class DAPHProxyObjective(Objective):
     def loss(self, codes, batch):
         from dcgh_dist.distributed import distributed_daph_proxy_loss
 
-        return distributed_daph_proxy_loss(codes["image_codes"], codes["text_codes"], codes["class_codes"],
-                                           batch["labels"], self.cfg.daph)
+        return _sum_over_lengths(self.cfg, lambda k, s: distributed_daph_proxy_loss(
+            codes[f"image_codes{s}"], codes[f"text_codes{s}"], codes[f"class_codes{s}"], batch["labels"],
+            self.cfg.daph))
 
 
 class DAPHHashObjective(Objective):
+    """DAPH stage 2; with several code lengths each head trains against its own length's
+    stage-1 codes (``anchors`` keys with the same ``@K`` suffixes), summed over lengths."""
+
     log_terms = ("image_net", "text_net")
 
     def __init__(self, cfg: Config, info: DatasetInfo, anchors: dict[str, Any]):
+        from dcgh_dist.train.daph import code_keys
+
         self.cfg, self.info = cfg, info
-        # +-1 codes and 0/1 labels: small integer types in the object store, float on the device
-        self.anchors = {k: torch.as_tensor(anchors[k]).float()
-                        for k in ("image_codes", "text_codes", "labels", "class_codes")}
+        # +-1 codes and 0/1 labels: small integer types in the object store, float on the device;
+        # the labels are one array whatever the lengths
+        self.anchors = {k: torch.as_tensor(anchors[k]).float() for k in ("labels", *code_keys(cfg))}
 
     def build_model(self) -> nn.Module:
         return _hasher(self.cfg, self.info)
@@ -173,14 +189,17 @@ class DAPHHashObjective(Objective):
         self.anchors = {k: v.to(device) for k, v in self.anchors.items()}
 
     def loss(self, codes, batch):
+        return _sum_over_lengths(self.cfg, lambda k, s: self._one_length(codes, batch, s))
+
+    def _one_length(self, codes, batch, s: str):
         from dcgh_dist.distributed import distributed_daph_hash_loss
 
         a = self.anchors
         total, logged = None, {"total": 0.0}
         for modality in ("image", "text"):
             loss, terms = distributed_daph_hash_loss(
-                codes[f"{modality}_codes"], batch["labels"], a["image_codes"], a["text_codes"], a["labels"],
-                a["class_codes"], self.cfg.daph, modality,  # the modality's positive rule
+                codes[f"{modality}_codes{s}"], batch["labels"], a[f"image_codes{s}"], a[f"text_codes{s}"],
+                a["labels"], a[f"class_codes{s}"], self.cfg.daph, modality,  # the modality's positive rule
             )
             total = loss if total is None else total + loss
             logged[f"{modality}_net"] = terms["total"]
