@@ -49,6 +49,7 @@ __all__ = [
     "mean_average_precision",
     "ndcg_at_k",
     "precision_at_k",
+    "precision_at_n",
     "pr_curve_hamming",
     "plot_pr_curves",
     "retrieval_metrics",
@@ -347,11 +348,11 @@ def _evaluate(
             rel_top = np.take_along_axis(relevant, order[:, :k_top], axis=1)
         if compute_map and map_topk is not None:
             per_query["map"][start:stop] = average_precision(rel_top[:, : min(map_topk, n_db)])
-        for k in precision_ks:
-            k_eff = min(k, n_db)
-            per_query[f"p@{k}"][start:stop] = (
-                np.count_nonzero(rel_top[:, :k_eff], axis=1) / k_eff
-            )
+        if precision_ks:  # one cumulative count serves every k (a precision@N curve asks for many)
+            hits = np.cumsum(rel_top, axis=1, dtype=np.int64)
+            for k in precision_ks:
+                k_eff = min(k, n_db)
+                per_query[f"p@{k}"][start:stop] = hits[:, k_eff - 1] / k_eff
         if ndcg_ks:
             overlap_top = np.take_along_axis(overlap, order[:, :k_top], axis=1)
             for k in ndcg_ks:
@@ -466,6 +467,30 @@ def precision_at_k(
         problem, map_topk=None, compute_map=False, ndcg_ks=(), precision_ks=(k,),
         chunk_size=chunk_size,
     )[f"p@{k}"]
+
+
+def precision_at_n(
+    query_codes: np.ndarray,
+    db_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    ns: Sequence[int],
+    *,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """:func:`precision_at_k` at every N of ``ns`` from one ranking per query: the
+    precision@N curve (float64, in the order of ``ns``).
+
+    Raises:
+        ValueError: on inconsistent or empty inputs, an empty ``ns`` or a non-positive N.
+    """
+    problem = _prepare(query_codes, db_codes, query_labels, db_labels)
+    ns = [_positive_int(n, "N") for n in ns]
+    if not ns:
+        raise ValueError("ns must name at least one N")
+    res = _evaluate(problem, map_topk=None, compute_map=False, ndcg_ks=(),
+                    precision_ks=tuple(dict.fromkeys(ns)), chunk_size=chunk_size)
+    return np.array([res[f"p@{n}"] for n in ns], dtype=np.float64)
 
 
 def retrieval_metrics(

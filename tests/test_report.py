@@ -84,15 +84,24 @@ def tiny_feature_dataset(path: Path, n: int = 120, classes: int = 5, name: str =
 
 
 def test_precision_at_n_equals_precision_at_k():
-    from dcgh_dist.metrics import precision_at_k
-    from dcgh_dist.report.curves import precision_at_n
+    from dcgh_dist.metrics import precision_at_k, precision_at_n
 
     rng = np.random.default_rng(0)
     q, d = rng.standard_normal((37, 16)), rng.integers(0, 2, (150, 16))  # relaxed and {0,1} codes
     ql, dl = rng.random((37, 6)) < 0.25, rng.random((150, 6)) < 0.25
     ns = [1, 2, 7, 50, 149, 150, 400]  # ties in distance, N = N_db and N > N_db
+    # brute force: rank each query's database by Hamming distance, ties in database order
+    qb, db = q >= 0, d > 0
+    want = []
+    for n in ns:
+        per_query = []
+        for i in range(len(q)):
+            order = sorted(range(len(d)), key=lambda j: ((qb[i] != db[j]).sum(), j))[:n]
+            per_query.append(sum((ql[i] & dl[j]).any() for j in order) / min(n, len(d)))
+        want.append(np.mean(per_query))
     for chunk in (None, 5):
         got = precision_at_n(q, d, ql, dl, ns, chunk_size=chunk)
+        assert got == pytest.approx(want, abs=1e-12)
         assert got == pytest.approx([precision_at_k(q, d, ql, dl, n) for n in ns], abs=1e-12)
 
 

@@ -10,8 +10,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dcgh_dist.metrics import precision_at_n
 from dcgh_dist.report.codes import Rows, choose_rows, drop_unusable, encode_rows, linear_codes
-from dcgh_dist.report.curves import n_grid, precision_at_n, sample_ids
+from dcgh_dist.report.curves import n_grid, sample_ids
 from dcgh_dist.report.figures import curves_figure, series_styles, training_figure, tsne_embedding, tsne_figure
 from dcgh_dist.report.render import FigureItem, Report, render_html, render_markdown
 from dcgh_dist.report.runs import Run, check_comparable, load_runs
