@@ -71,3 +71,37 @@ def test_encode_job_refuses_a_bad_checkpoint_before_ray_starts(two, tmp_path):
     assert "hash to" in proc.stderr and "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
     assert time.time() - t0 < 60
+
+
+def test_resume_reads_local_checkpoints_in_place_and_downloads_remote_ones_privately(two, s3_server):
+    """Two workers of one node resuming from S3 each get a directory of their own.
+
+    Ray's ``to_directory()`` hands every worker of a node the same directory, and a worker that
+    takes its lock after another finished downloads again over the files the other is reading
+    (a truncated ``model.pt`` on a two-worker DeepSpeed resume).
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from dcgh_dist.storage import resolve_filesystem
+    from dcgh_dist.train.loop import checkpoint_files
+
+    with checkpoint_files(None) as d:
+        assert d is None
+    local = Checkpoint.from_directory(str(two[0]))
+    with checkpoint_files(local) as d:
+        assert Path(d) == two[0]  # read where it is, nothing copied
+    assert two[0].is_dir()  # and never removed
+
+    endpoint, make_bucket = s3_server
+    bucket = make_bucket("dcgh-resume")
+    fs, _ = resolve_filesystem(bucket, endpoint)
+    pafs.copy_files(str(two[0]), "dcgh-resume/ckpt", destination_filesystem=fs)
+    remote = Checkpoint(path="dcgh-resume/ckpt", filesystem=fs)
+    with checkpoint_files(remote) as a, checkpoint_files(remote) as b:
+        assert a != b
+        for d in (a, b):
+            assert (Path(d) / "model.pt").read_bytes() == (two[0] / "model.pt").read_bytes()
+            model, meta = load_model(d)  # the weights check out against meta.json's fingerprint
+            assert meta.fingerprint == read_meta(str(two[0])).fingerprint
+    assert not Path(a).exists() and not Path(b).exists()  # the downloads are removed afterwards

@@ -22,12 +22,13 @@ data; a cached one continues with the very rows it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +47,29 @@ from dcgh_dist.train.engine import build_engine
 from dcgh_dist.train.objectives import build_objective
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def checkpoint_files(ckpt) -> Iterator[str | None]:
+    """The directory this worker reads a checkpoint's files from; ``None`` for no checkpoint.
+
+    A checkpoint on a filesystem the worker mounts is read where it is: nothing is copied. A
+    remote one (S3) is downloaded into a directory of this worker's own, removed afterwards.
+    Never Ray's ``Checkpoint.to_directory()`` without a path: every worker of a node shares
+    that directory, and a worker that takes its lock after another's download has finished
+    downloads again, rewriting ``model.pt`` while the other reads it (a truncated zip on
+    resume, seen with two DeepSpeed workers).
+    """
+    if ckpt is None:
+        yield None
+        return
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    with tempfile.TemporaryDirectory(prefix="dcgh-resume-") as d:
+        yield ckpt.to_directory(d)
 
 
 def encode_batches(model, batches, bits: int | None = None) -> dict[str, np.ndarray]:
@@ -104,27 +128,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = objective.build_model()
     arch = architecture_of(model)
 
-    start_epoch, start_micro, global_step, history, resume_dir = 0, 0, 0, [], None
+    start_epoch, start_micro, global_step, history = 0, 0, 0, []
     ckpt = ray.train.get_checkpoint() or loop_config.get("resume_checkpoint")
-    if ckpt:
-        resume_dir = ckpt.to_directory()  # a local copy every rank can read
-        meta = read_meta(resume_dir)
-        model.load_state_dict(load_state(resume_dir, "model.pt"))
-        start_epoch, start_micro = meta.epoch, meta.step_in_epoch
-        global_step, history = meta.global_step, meta.history
-        if rank == 0:
-            logger.info("resuming at epoch %d, micro-step %d (optimizer step %d)",
-                        start_epoch + 1, start_micro, global_step)
+    with checkpoint_files(ckpt) as resume_dir:
+        if resume_dir:
+            meta = read_meta(resume_dir)
+            model.load_state_dict(load_state(resume_dir, "model.pt"))
+            start_epoch, start_micro = meta.epoch, meta.step_in_epoch
+            global_step, history = meta.global_step, meta.history
+            if rank == 0:
+                logger.info("resuming at epoch %d, micro-step %d (optimizer step %d)",
+                            start_epoch + 1, start_micro, global_step)
+        engine = build_engine(model, cfg, total_opt_steps, world)
+        objective.to(device)
+        if resume_dir:
+            ts = load_state(resume_dir, "train_state.pt")
+            engine.load(resume_dir, ts.get("engine"))
+            objective.load(load_state(resume_dir, "proxies.pt"), ts)
     # Recorded in the history of the epoch that continues from a checkpoint, so a run's record
     # shows where each restart (worker failure or --resume) picked up.
     resumed_from_step = global_step if ckpt else None
-
-    engine = build_engine(model, cfg, total_opt_steps, world)
-    objective.to(device)
-    if resume_dir:
-        ts = load_state(resume_dir, "train_state.pt")
-        engine.load(resume_dir, ts.get("engine"))
-        objective.load(load_state(resume_dir, "proxies.pt"), ts)
 
     cached = loop_config.get("cached")
     has_val = loop_config.get("has_val")
