@@ -22,9 +22,10 @@ logger = logging.getLogger(__name__)
 
 def encode_splits(
     uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
-    bits: int | None = None,
+    bits: int | Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool."""
+    """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool; with a
+    list of code lengths, each length's codes as ``<modality>_codes@K`` from one pass of the towers."""
     import ray
     import ray.data
 
@@ -74,11 +75,16 @@ def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], di
 
 def evaluate(
     uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
-    bits: int | None = None,
-) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Metrics and PR curves of a checkpoint (None: the untrained model of ``cfg``), at one of its
-    code lengths (``bits``; None: the primary one)."""
-    return score(encode_splits(uri, info, cfg, checkpoint_dir, files, bits), cfg)
+    lengths: Sequence[int] | None = None,
+) -> dict[int, tuple[dict[str, Any], dict[str, dict]]]:
+    """``{bits: (metrics, PR curves)}`` of a checkpoint (None: the untrained model of ``cfg``) at
+    each of its code ``lengths`` (None: every length of ``cfg``), the data read and the towers run
+    once for all of them."""
+    lengths = tuple(lengths or cfg.model.lengths)
+    codes = encode_splits(uri, info, cfg, checkpoint_dir, files, lengths)
+    common = {k: codes[k] for k in ("labels", "split")}
+    return {k: score({**common, "image_codes": codes[f"image_codes@{k}"], "text_codes": codes[f"text_codes@{k}"]},
+                     cfg) for k in lengths}
 
 
 def write_pr_plot(curves: dict[str, dict], baselines: dict[str, dict[str, dict] | None], path: str,

@@ -132,19 +132,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_s = time.time() - t0
         info = outcome.scan.info
         logger.info("evaluating checkpoint (epoch %d) on the query split", outcome.selected_epoch)
-        metrics, curves = evaluate(outcome.dataset_uri, info, cfg, outcome.checkpoint_dir, outcome.scan.files)
-        baseline, base_curves = (None, None)
+        # every code length of a multi-length run, each scored exactly as the primary one
+        trained = evaluate(outcome.dataset_uri, info, cfg, outcome.checkpoint_dir, outcome.scan.files)
+        metrics, curves = trained[cfg.model.bits]
+        untrained: dict[int, tuple] = {}
         if not args.skip_baseline:
             logger.info("evaluating the untrained model the same way")
-            baseline, base_curves = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
-        # the other code lengths of a multi-length run, each scored exactly as the primary one
-        by_bits = {}
-        for k in cfg.model.extra_bits:
-            logger.info("evaluating the %d-bit head the same way", k)
-            m_k, _ = evaluate(outcome.dataset_uri, info, cfg, outcome.checkpoint_dir, outcome.scan.files, bits=k)
-            base_k = (None if args.skip_baseline else
-                      evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files, bits=k)[0])
-            by_bits[k] = {**m_k, "untrained": base_k}
+            untrained = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
+        baseline, base_curves = untrained.get(cfg.model.bits, (None, None))
+        by_bits = {k: {**trained[k][0], "untrained": untrained[k][0] if untrained else None}
+                   for k in cfg.model.extra_bits}
     linear, lin_curves = (None, None)
     if has_linear_baseline(info):
         lin = linear_baselines(outcome.dataset_uri, info, cfg, outcome.scan.files)

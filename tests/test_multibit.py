@@ -202,6 +202,48 @@ def test_a_multi_length_checkpoint_encodes_at_any_length(tmp_path):
         Encoder.from_checkpoint(path, device="cpu", bits=32)
 
 
+def test_every_length_is_evaluated_from_one_pass_of_the_towers(tmp_path):
+    """Validation, evaluation and the untrained baseline of a multi-length run score every head
+    from one tower pass, each head's codes those of an encoder of that length alone."""
+    from dcgh_dist.encoding.actor import EncodeBatches
+    from dcgh_dist.models.checkpoint import read_checkpoint_files, save_untrained
+    from dcgh_dist.models.encoder import Encoder
+    from dcgh_dist.train.loop import encode_batches, validate
+
+    cfg = load_config(overrides=["model.bits=[16, 64]"])
+    path = save_untrained(str(tmp_path / "ck"), cfg, INFO)
+    enc = Encoder.from_checkpoint(path, device="cpu")
+    passes = []
+    enc.model.image_tower.register_forward_hook(lambda *_: passes.append("image"))
+    x = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
+    both = enc.relaxed_at("image", x, (16, 64))
+    assert passes == ["image"]
+    for k in (16, 64):
+        np.testing.assert_array_equal(both[k], Encoder.from_checkpoint(path, device="cpu", bits=k).relaxed("image", x))
+
+    # the Ray Data actor of evaluation: a column per length; a row that could not be read stays zero
+    rng = np.random.default_rng(1)
+    batch = {"id": np.arange(6), "image_features": x, "text_features": rng.standard_normal((6, 5)).astype(np.float32),
+             "image_error": np.array([""] * 5 + ["bad bytes"], dtype=object)}
+    out = EncodeBatches({"checkpoint": read_checkpoint_files(path)}, ("image", "text"), packed=False,
+                        device="cpu", bits=[16, 64])(batch)
+    assert {"image_codes@16", "image_codes@64", "text_codes@16", "text_codes@64"} <= set(out)
+    np.testing.assert_array_equal(out["image_codes@64"][:5], both[64][:5])
+    assert not out["image_codes@16"][5].any() and out["image_error"][5] == "bad bytes"
+    one = EncodeBatches({"checkpoint": read_checkpoint_files(path)}, ("text",), packed=True, device="cpu", bits=64)(batch)
+    assert one["text_codes"].shape == (6, 8)  # one length: the plain column, as the encode job writes it
+
+    # training-time validation: every length's val mAP from the same pass
+    batches = [{"image_features": torch.from_numpy(x), "text_features": torch.from_numpy(batch["text_features"]),
+                "labels": torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)}]
+    passes.clear()
+    by_length = encode_batches(enc.model, batches)
+    assert passes == ["image"] and set(by_length) == {16, 64}
+    np.testing.assert_array_equal(by_length[64]["image_codes"], both[64])
+    val = validate(enc.model, batches)
+    assert val["val_map"] == pytest.approx((val["val_map@16"] + val["val_map@64"]) / 2)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_multi_length_run_then_encode_one_length(tmp_path, demo_features, ray_cluster):

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dcgh_dist.index.codes import pack_relaxed  # the bit convention, defined once
+
 
 class EncodeBatches:
     """Ray Data actor: preprocessed batch -> ``<modality>_codes`` (packed or relaxed), the model
@@ -16,12 +18,13 @@ class EncodeBatches:
     a config (the baseline). A ``<modality>_error`` column (the preprocessor's skip mode) marks
     rows that must not reach the model: their codes are zero and the error travels on, so the
     driver can count and report them. Columns in ``passthrough`` are copied through. ``bits``:
-    which of a multi-length checkpoint's code lengths (None: its primary one).
+    which of a multi-length checkpoint's code lengths (None: its primary one), or a list of them,
+    each length's codes then in ``<modality>_codes@K``, all from one pass of the tower.
     """
 
     def __init__(self, source: dict[str, Any], modalities: Sequence[str], *, packed: bool,
                  precision: str = "fp32", device: str = "auto", cpu_threads: int | None = None,
-                 passthrough: Sequence[str] = ("id",), bits: int | None = None):
+                 passthrough: Sequence[str] = ("id",), bits: int | Sequence[int] | None = None):
         import ray
         import torch
 
@@ -29,17 +32,20 @@ class EncodeBatches:
 
         if cpu_threads:
             torch.set_num_threads(max(1, cpu_threads))
+        one = bits is None or isinstance(bits, int)
         if "checkpoint" in source:
             files = source["checkpoint"]
             files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-            self.encoder = Encoder.from_files(files, device=device, precision=precision, bits=bits)
+            self.encoder = Encoder.from_files(files, device=device, precision=precision, bits=bits if one else None)
         else:
             from dcgh_dist.config import Config
             from dcgh_dist.data.format import DatasetInfo
 
             self.encoder = Encoder.untrained(Config.from_dict(source["config"]),
                                              DatasetInfo.from_json(source["dataset_info"]), device=device,
-                                             bits=bits)
+                                             bits=bits if one else None)
+        # {code length: its column suffix}
+        self.columns = {self.encoder.bits: ""} if one else {int(k): f"@{int(k)}" for k in bits}
         self.modalities = tuple(modalities)
         self.packed = packed
         self.passthrough = tuple(passthrough)
@@ -51,17 +57,17 @@ class EncodeBatches:
         for mod in self.modalities:
             x = np.asarray(batch[enc.key(mod)])
             errors = batch.get(f"{mod}_error")
-            if errors is None:
-                out[f"{mod}_codes"] = enc.codes(mod, x, packed=self.packed)
-                continue
-            errors = np.asarray(errors, dtype=object)
-            ok = errors == ""
-            codes = np.zeros((n, enc.bits // 8 if self.packed else enc.bits),
-                             dtype=np.uint8 if self.packed else np.float32)
-            if ok.any():
-                codes[ok] = enc.codes(mod, x[ok], packed=self.packed)
-            out[f"{mod}_codes"] = codes
-            out[f"{mod}_error"] = errors
+            ok = np.ones(n, dtype=bool) if errors is None else np.asarray(errors, dtype=object) == ""
+            relaxed = (enc.relaxed_at(mod, x if errors is None else x[ok], tuple(self.columns))
+                       if ok.any() else {})
+            for k, suffix in self.columns.items():
+                # rows whose input could not be used keep zero codes: never a code of garbage
+                codes = np.zeros((n, k // 8 if self.packed else k), dtype=np.uint8 if self.packed else np.float32)
+                if ok.any():
+                    codes[ok] = pack_relaxed(relaxed[k]) if self.packed else relaxed[k]
+                out[f"{mod}_codes{suffix}"] = codes
+            if errors is not None:
+                out[f"{mod}_error"] = np.asarray(errors, dtype=object)
         return out
 
 

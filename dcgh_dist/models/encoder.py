@@ -92,20 +92,24 @@ class Encoder:
         """The model-input column of a modality (``image``/``text``, or ``*_features``)."""
         return self.model.image_key if modality == "image" else self.model.text_key
 
-    @torch.no_grad()
     def relaxed(self, modality: Modality, x) -> np.ndarray:
         """Relaxed codes (float32 (N, K)) of preprocessed inputs, in eval mode."""
+        return self.relaxed_at(modality, x, (self.bits,))[self.bits]
+
+    @torch.no_grad()
+    def relaxed_at(self, modality: Modality, x, lengths: Sequence[int]) -> dict[int, np.ndarray]:
+        """``{bits: relaxed codes}`` at each of a multi-length model's ``lengths``, from one pass
+        of the tower (evaluating every head of a run costs what evaluating one does)."""
         was_training = self.model.training
         self.model.eval()
         try:
             t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(self.device)
             if t.is_floating_point():
                 t = t.to(next(self.model.parameters()).dtype)
-            fn = self.model.encode_image if modality == "image" else self.model.encode_text
-            if self.precision == "bf16":
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                    return fn(t, self.bits).float().cpu().numpy()
-            return fn(t, self.bits).float().cpu().numpy()
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                codes = self.model.encode(modality, t, lengths)
+            return {k: v.float().cpu().numpy() for k, v in codes.items()}
         finally:
             self.model.train(was_training)
 

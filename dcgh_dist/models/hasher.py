@@ -72,6 +72,12 @@ class CrossModalHasher(nn.Module):
             raise ValueError(f"this model hashes to {list(self.lengths)} bits, not {bits}")
         return (self.extra_image_heads if modality == "image" else self.extra_text_heads)[str(bits)]
 
+    def encode(self, modality: str, x: Tensor, lengths: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """``{bits: relaxed codes}`` of one modality at each of ``lengths`` (None: the primary
+        length), from one pass of its tower: the heads are a small share of the cost."""
+        feats = (self.image_tower if modality == "image" else self.text_tower)(x)
+        return {k: self._head(modality, k)(feats) for k in (lengths or (self.bits,))}
+
     def encode_image(self, image: Tensor, bits: int | None = None) -> Tensor:
         return self._head("image", bits)(self.image_tower(image))
 
@@ -83,10 +89,8 @@ class CrossModalHasher(nn.Module):
         for modality, key in (("image", self.image_key), ("text", self.text_key)):
             if key not in batch:
                 continue
-            feats = (self.image_tower if modality == "image" else self.text_tower)(batch[key])
-            out[f"{modality}_codes"] = self._head(modality, None)(feats)
-            for k in self.extra_bits:
-                out[f"{modality}_codes@{k}"] = self._head(modality, k)(feats)
+            for k, codes in self.encode(modality, batch[key], self.lengths).items():
+                out[f"{modality}_codes" if k == self.bits else f"{modality}_codes@{k}"] = codes
         if not out:
             raise KeyError(f"batch has neither {self.image_key!r} nor {self.text_key!r}")
         return out

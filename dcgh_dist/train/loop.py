@@ -72,17 +72,25 @@ def checkpoint_files(ckpt) -> Iterator[str | None]:
         yield ckpt.to_directory(d)
 
 
-def encode_batches(model, batches, bits: int | None = None) -> dict[str, np.ndarray]:
-    """Relaxed codes + labels of every batch (eval mode, through the one inference path)."""
+def encode_batches(model, batches) -> dict[int, dict[str, np.ndarray]]:
+    """``{bits: relaxed codes + labels}`` of every batch at each of the model's code lengths (eval
+    mode, through the one inference path; one pass of the towers serves every length)."""
     from dcgh_dist.models.encoder import Encoder
 
-    enc = Encoder(model, bits=bits)
-    out: dict[str, list] = {"image_codes": [], "text_codes": [], "labels": []}
+    lengths = getattr(model, "lengths", (model.bits,))
+    enc = Encoder(model)
+    parts: dict[int, dict[str, list]] = {k: {"image_codes": [], "text_codes": []} for k in lengths}
+    labels = []
     for b in batches:
-        out["image_codes"].append(enc.relaxed("image", b[model.image_key]))
-        out["text_codes"].append(enc.relaxed("text", b[model.text_key]))
-        out["labels"].append(b["labels"].float().cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}
+        for m in ("image", "text"):
+            for k, codes in enc.relaxed_at(m, b[enc.key(m)], lengths).items():
+                parts[k][f"{m}_codes"].append(codes)
+        labels.append(b["labels"].float().cpu().numpy())
+
+    def cat(v: list) -> np.ndarray:
+        return np.concatenate(v) if v else np.zeros((0, 0))
+
+    return {k: {**{name: cat(v) for name, v in p.items()}, "labels": cat(labels)} for k, p in parts.items()}
 
 
 def _setup_logging() -> None:
@@ -276,14 +284,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def validate(model, batches) -> dict[str, float]:
     """val-vs-val mAP; with several code lengths per length (``val_map@K``), and ``val_map`` (what
     selection and early stopping watch) their mean, so one checkpoint serves every length."""
-    lengths = getattr(model, "lengths", (model.bits,))
-    if len(lengths) == 1:
-        return validation_metrics(encode_batches(model, batches))
-    out: dict[str, float] = {}
-    for k in lengths:
-        for name, v in validation_metrics(encode_batches(model, batches, bits=k)).items():
-            out[f"{name}@{k}"] = v
-    out["val_map"] = float(np.mean([out[f"val_map@{k}"] for k in lengths]))
+    by_length = encode_batches(model, batches)
+    if len(by_length) == 1:
+        return validation_metrics(next(iter(by_length.values())))
+    out = {f"{name}@{k}": v for k, codes in by_length.items() for name, v in validation_metrics(codes).items()}
+    out["val_map"] = float(np.mean([out[f"val_map@{k}"] for k in by_length]))
     return out
 
 
