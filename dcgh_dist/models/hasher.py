@@ -79,10 +79,10 @@ class CrossModalHasher(nn.Module):
         return {k: self._head(modality, k)(feats) for k in (lengths or (self.bits,))}
 
     def encode_image(self, image: Tensor, bits: int | None = None) -> Tensor:
-        return self._head("image", bits)(self.image_tower(image))
+        return self.encode("image", image, (bits or self.bits,))[bits or self.bits]
 
     def encode_text(self, text: Tensor, bits: int | None = None) -> Tensor:
-        return self._head("text", bits)(self.text_tower(text))
+        return self.encode("text", text, (bits or self.bits,))[bits or self.bits]
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
