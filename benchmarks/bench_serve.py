@@ -98,10 +98,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--placements", default="ingress,deployment",
                    help="encoder.placement values to measure on the large index (the demo uses the first)")
+    p.add_argument("--transports", default="grpc,ray",
+                   help="AppArgs.transport values to measure on the large index, with the first placement "
+                        "(the other rows use the first)")
+    p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc",
+                   help="how the HTTP proxy reaches the ingress (RAY_SERVE_PROXY_USE_GRPC, set cluster-wide "
+                        "as cluster/k8s does); default grpc")
     p.add_argument("--skip-fault", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Read by every Serve proxy when it starts: set before this script starts Ray, as the
+    # KubeRay cluster sets it in every container.
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if args.proxy_transport == "grpc" else "0"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import requests
@@ -139,16 +148,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 port = s.getsockname()[1]
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/search"
-            placements = args.placements.split(",")
-            runs = [("demo (3,600 items, 1 shard)", demo_index, demo, placements[0])]
-            runs += [(f"random {args.n} x 64 bits (2 shards, 2 groups)", big, None, p) for p in placements]
-            for label, index_uri, dataset, placement in runs:
+            placements, transports = args.placements.split(","), args.transports.split(",")
+            big_label = f"random {args.n} x 64 bits (2 shards, 2 groups)"
+            runs = [("demo (3,600 items, 1 shard)", demo_index, demo, placements[0], transports[0])]
+            runs += [(big_label, big, None, p, transports[0]) for p in placements]
+            runs += [(big_label, big, None, placements[0], t) for t in transports[1:]]
+            for label, index_uri, dataset, placement, transport in runs:
                 zero = {"num_cpus": 0}
                 encoder = {"placement": placement, **(zero if placement == "deployment" else {})}
                 serve.run(build_app(AppArgs(checkpoint=ckpt, indexes={"image": index_uri}, dataset=dataset,
-                                            encoder=encoder, index=zero, metadata=zero, frontend=zero)),
+                                            encoder=encoder, index=zero, metadata=zero, frontend=zero,
+                                            transport=transport)),
                           name="dcgh", route_prefix="/")
-                label = f"{label}, encoder in {placement}"
+                label = f"{label}, encoder in {placement}, {transport}"
                 session = requests.Session()
                 index = ShardedIndex.open(index_uri)
                 expected = {q: index.search_stable(qcodes[i:i + 1], args.k)[1][0].tolist() for i, q in enumerate(QUERIES)}
@@ -173,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     b = closed_loop(local, c, args.seconds)
                     rows.append((label, c, a, b))
                     print(f"  {label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process", flush=True)
-                if index_uri == big and fault is None and not args.skip_fault:
+                if index_uri == big and transport == transports[0] and fault is None and not args.skip_fault:
                     fault = kill_a_group_under_load(url, expected, args.k)
                 index.close()
             serve.shutdown()
@@ -181,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row; "
-          "in-process = Encoder + ShardedIndex.search_stable in the client's process, same threads\n")
+          f"proxy to ingress over {args.proxy_transport}; in-process = Encoder + ShardedIndex.search_stable "
+          "in the client's process, same threads\n")
     print("| index | clients | Serve QPS | p50 ms | p95 ms | p99 ms | in-process QPS | p50 ms | p99 ms | Serve/in-process p50 | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, c, a, b in rows:

@@ -18,7 +18,8 @@ Deployments (docs/SERVE.md):
 * ``ItemLookup``: captions and thumbnails by id, read from the dataset's Parquet (never loaded).
 * ``Frontend``: the FastAPI ingress (OpenAPI at ``/docs``, the search page at ``/``). It fans a
   query out to every shard group and merges their top k by (distance, id); a query that cannot
-  reach every group fails with 503 naming the groups that did not answer.
+  reach every group fails with 503 naming the groups that did not answer. It calls the other
+  deployments over gRPC (``transport``; docs/SERVE.md, "Latency").
 
 The server never fetches a URL and never opens a path that came from a client, and every
 replica's sockets listen on the node's address only (``_on_node_address``).
@@ -117,6 +118,12 @@ class AppArgs(BaseModel):
     max_image_bytes: int = Field(10 << 20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     shards_per_replica: int = Field(1, ge=1)
+    # How the frontend calls the index groups, the item lookup and a QueryEncoder deployment.
+    # "grpc": Ray Serve's direct gRPC data plane between replicas: 0.83x the p50 latency of
+    # "ray" on a 2-core node, 10M codes (docs/BENCHMARKS.md). "ray": Ray actor calls through the
+    # object store, Serve's own default. Either way every replica's gRPC server listens on the
+    # node's address only (_on_node_address).
+    transport: Literal["grpc", "ray"] = "grpc"
     encoder: EncoderOptions = Field(default_factory=EncoderOptions)
     index: DeploymentOptions = Field(default_factory=DeploymentOptions)
     metadata: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -332,13 +339,24 @@ def _validation_error(e: ValidationError) -> ApiError:
 @_on_node_address
 class Frontend:
     def __init__(self, encoder, groups: dict[str, list], items, settings: dict):
+        # The transport is an option of each handle, fixed where the handle was made (the
+        # controller, for bound handles), so RAY_SERVE_USE_GRPC_BY_DEFAULT in this replica's
+        # environment would not reach them: set it on the handles this replica calls through.
+        # (_by_reference is the handle option that variable sets; tests/test_serve.py runs both.)
+        by_reference = settings["transport"] == "ray"
+
+        def via(handle):
+            return handle.options(_by_reference=by_reference)
+
         # encoder: a QueryEncoder handle, or BatchedEncoder's arguments to build it in this replica
         if isinstance(encoder, dict):
             local = BatchedEncoder(**encoder)
             self._encode = {"text": local.encode_text, "image": local.encode_image}
         else:
+            encoder = via(encoder)
             self._encode = {"text": encoder.encode_text.remote, "image": encoder.encode_image.remote}
-        self.groups, self.items = groups, items
+        self.groups = {m: [via(h) for h in handles] for m, handles in groups.items()}
+        self.items = via(items) if items is not None else None
         self.s = settings
 
     # -- validation ---------------------------------------------------------------------------
@@ -548,5 +566,5 @@ def build_app(args: AppArgs) -> Application:
         encoder = QueryEncoder.options(**enc.options()).bind(**encoder)
     settings = {"max_k": args.max_k, "max_text_chars": args.max_text_chars, "max_image_bytes": args.max_image_bytes,
                 "max_image_pixels": args.max_image_pixels, "fingerprint": meta.fingerprint,
-                "bits": meta.config.model.bits}
+                "bits": meta.config.model.bits, "transport": args.transport}
     return Frontend.options(**args.frontend.options()).bind(encoder, groups, items, settings)

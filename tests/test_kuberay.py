@@ -601,6 +601,13 @@ def test_serve_config_v2_agrees_with_serve_config_yaml(rendered, kustomization):
     meta = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
     assert meta["annotations"][serve_config.RUN_ANNOTATION] == env["DCGH_RUN"]
     assert svc["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    # every node runs a proxy (proxy_location EveryNode): each hands requests to the ingress over
+    # gRPC (docs/SERVE.md, "Latency"), which it reads from its container's environment
+    cluster = svc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for c in group["template"]["spec"]["containers"]:
+            assert {"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"} in c.get("env", []), c["name"]
 
 
 def test_the_serve_config_checks_bite(rendered, tmp_path, monkeypatch):

@@ -166,16 +166,19 @@ def test_results_equal_sharded_index_search(served):
         assert all(x["caption"] and x["image_url"] == f"/items/{x['id']}/image" for x in body["results"])
 
 
-def test_encoder_as_its_own_deployment_answers_the_same(served):
-    """encoder.placement: deployment (a QueryEncoder deployment, e.g. on GPU nodes) gives the
-    answers of the default, where the towers run in the frontend."""
+def test_encoder_as_its_own_deployment_and_ray_transport_answer_the_same(served):
+    """encoder.placement: deployment (a QueryEncoder deployment, e.g. on GPU nodes), called with
+    transport: ray (actor calls through the object store), gives the answers of the defaults: the
+    towers in the frontend, and gRPC between the deployments."""
     from pydantic import ValidationError
     from ray import serve
 
     from serve.app import AppArgs, EncoderOptions, build_app
 
     args = served["args"].model_copy(update={"indexes": {"image": served["indexes"]["image"]}, "dataset": None,
-                                             "encoder": EncoderOptions(placement="deployment", num_cpus=0)})
+                                             "encoder": EncoderOptions(placement="deployment", num_cpus=0),
+                                             "transport": "ray"})
+    assert served["args"].transport == "grpc"
     serve.run(build_app(args), name="dcgh-encoder", route_prefix="/enc")
     try:
         assert "QueryEncoder" in serve.status().applications["dcgh-encoder"].deployments
