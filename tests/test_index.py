@@ -31,7 +31,7 @@ from dcgh_dist.index import (
     pack_codes,
     unpack_codes,
 )
-from dcgh_dist.index.build import build_index
+from dcgh_dist.index.build import build_index, build_shard
 from dcgh_dist.index.codes import code_shard_meta, codes_table, pack_relaxed, read_code_shard
 from dcgh_dist.index.manifest import BuildConflictError, read_manifest, resolve_shard_uri
 from dcgh_dist.index.search import IndexClosedError
@@ -183,6 +183,27 @@ def test_flat_knn_equals_brute_force(code_dir, built, k):
     threads = faiss.omp_get_max_threads()
     D3, _ = index.search(q[:1], k)
     assert np.array_equal(D3, D[:1]) and faiss.omp_get_max_threads() == threads
+
+
+def test_a_build_leaves_the_callers_faiss_threads_alone(code_dir, tmp_path):
+    # OpenMP's thread count is the process's (torch reads it too). Builds once set it to a Ray
+    # task's 1 and left it there: every later ShardedIndex.open in the process then searched its
+    # shards one after another, and forward passes ran on one thread.
+    import faiss
+
+    root, _, _ = code_dir
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        build_index(root, str(tmp_path / "ivf"), IndexConfig(index_type="ivf", shard_size=700, nlist=16),
+                    use_ray=False)
+        assert faiss.omp_get_max_threads() == 3
+        # A Ray task's build runs with its CPUs' threads, and restores them for the worker's next task.
+        entry = build_shard(root, [(os.path.join(root, "part-00000.parquet"), 0, 100)], BITS, IndexConfig(),
+                            str(tmp_path / "one.faissindex"), "one.faissindex", threads=1)
+        assert entry.rows == 100 and faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def test_search_stable_is_deterministic_and_equals_id_ordered_brute_force(code_dir, built):

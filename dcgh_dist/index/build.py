@@ -23,7 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -237,6 +237,25 @@ def sample_codes(uri: str, source: CodeSource, n: int, seed: int, s3_endpoint: s
     return np.concatenate(parts)
 
 
+@contextlib.contextmanager
+def omp_threads(n: int | None) -> Iterator[None]:
+    """FAISS's OpenMP thread count set to ``n`` for the block (None: unchanged), then restored.
+
+    The count is the process's, and torch reads the same one: a build that left it at a Ray
+    task's 1 once halved the search threads of every later ``ShardedIndex.open`` in the process
+    (bench_serve's in-process baseline) and left its forward passes on one thread.
+    """
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    if n:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def build_shard(
     uri: str,
     slices: Sequence[tuple[str, int, int]],
@@ -249,13 +268,14 @@ def build_shard(
     s3_endpoint: str | None = None,
     threads: int | None = None,
 ) -> ShardEntry:
-    """Read one shard's codes, build its index, write it to ``out_uri``; return its entry."""
+    """Read one shard's codes, build its index, write it to ``out_uri``; return its entry.
+
+    ``threads``: FAISS's OpenMP threads for this build (a Ray task's CPUs); None: the process's.
+    """
     import hashlib
 
     import faiss
 
-    if threads:
-        faiss.omp_set_num_threads(threads)
     ids, codes = read_slices(uri, slices, s3_endpoint)
     if codes.shape[1] * 8 != bits:
         raise ValueError(f"{slices[0][0]}: codes are {codes.shape[1] * 8} bits, expected {bits}")
@@ -272,13 +292,14 @@ def build_shard(
     # IVF keeps ids in its inverted lists anyway; flat/multihash skip 8 bytes/item when the ids
     # are a contiguous range (the manifest's offset recovers them).
     layout = "offset" if contiguous and cfg.index_type != "ivf" else "ids"
-    index = new_index(cfg, bits, layout, trained)
-    if layout == "offset":
-        index.add(codes)
-    else:
-        index.add_with_ids(codes, ids)
-    blob = faiss.serialize_index_binary(index)
-    del index
+    with omp_threads(threads):
+        index = new_index(cfg, bits, layout, trained)
+        if layout == "offset":
+            index.add(codes)
+        else:
+            index.add_with_ids(codes, ids)
+        blob = faiss.serialize_index_binary(index)
+        del index
     digest = hashlib.sha256(memoryview(blob)).hexdigest()
     fs, path = resolve_filesystem(out_uri, s3_endpoint)
     write_bytes_atomic(fs, path, memoryview(blob))
@@ -382,7 +403,8 @@ def _build_locked(
                 len(plan), cfg.index_type, cfg.shard_size, bits, source.num_rows)
     threads = max(1, int(cfg.task_cpus))
     args = [(codes_uri, sl, bits, cfg, join(base, rel), rel) for sl, rel in zip(plan, rels)]
-    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads)
+    # task_cpus sizes Ray tasks; an in-process build keeps the process's own FAISS threads.
+    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads if use_ray else None)
     if use_ray:
         import ray
 
