@@ -24,24 +24,17 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import parse_n  # benchmarks/common.py: a script's own folder is on sys.path
 
 logger = logging.getLogger("dcgh_dist.benchmarks.index")
 
 POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def parse_n(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1], 1)
-    return int(float(s[:-1] if s[-1] in "KMB" else s) * mult)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

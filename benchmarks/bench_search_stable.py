@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+from common import machine, parse_n  # benchmarks/common.py: a script's own folder is on sys.path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=300)
     args = p.parse_args(argv)
 
-    from bench_serve import parse_n, random_index
+    from bench_serve import random_index
 
     from dcgh_dist.index import ShardedIndex
 

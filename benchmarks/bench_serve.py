@@ -27,15 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
+from common import machine, parse_n  # benchmarks/common.py: a script's own folder is on sys.path
 
 QUERIES = ["a red circle", "blue sky over water", "two trees and a house", "a yellow sun", "green grass"]
-
-
-def parse_n(text: str) -> int:
-    text = text.strip().upper()
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1], 1)
-    return int(float(text[:-1] if text[-1] in "KMB" else text) * mult)
 
 
 def closed_loop(fn, clients: int, seconds: float) -> dict:
@@ -114,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import requests
+    import torch
     from ray import serve
 
     from dcgh_dist.config import Config, EncodeConfig, IndexConfig, ModelConfig
@@ -129,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     clients = [int(c) for c in args.clients.split(",")]
-    rows, fault, floors = [], None, []
+    rows, fault, floors, threads = [], None, [], None
     try:
         with ray_session(num_cpus=4):
             demo = ensure_demo_dataset(2000, 0, os.path.join(work, "data"))
@@ -163,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 label = f"{label}, encoder in {placement}, {transport}"
                 session = requests.Session()
                 index = ShardedIndex.open(index_uri)
+                threads = (index.threads, torch.get_num_threads())
                 expected = {q: index.search_stable(qcodes[i:i + 1], args.k)[1][0].tolist() for i, q in enumerate(QUERIES)}
 
                 def http(i: int) -> bool:
@@ -194,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row; "
           f"proxy to ingress over {args.proxy_transport}; in-process = Encoder + ShardedIndex.search_stable "
-          "in the client's process, same threads\n")
+          f"in the client's process, same client threads ({threads[0]} search threads, {threads[1]} torch threads)\n")
     print("| index | clients | Serve QPS | p50 ms | p95 ms | p99 ms | in-process QPS | p50 ms | p99 ms | Serve/in-process p50 | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, c, a, b in rows:

@@ -1,4 +1,4 @@
-"""What every benchmark prints beside its table: the machine it ran on."""
+"""What the benchmarks share: the machine line every table carries, and argument parsing."""
 
 from __future__ import annotations
 
@@ -43,3 +43,10 @@ def spread(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def parse_n(text: str) -> int:
+    """A count as people write it on the command line: ``10M``, ``2.5K``, ``1B``, ``5000``."""
+    text = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1], 1)
+    return int(float(text[:-1] if text[-1] in "KMB" else text) * mult)
