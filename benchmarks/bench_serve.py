@@ -2,11 +2,13 @@
 with an index replica killed under load.
 
     python benchmarks/bench_serve.py                       # demo index and 10M random 64-bit codes
-    python benchmarks/bench_serve.py --n 2M --seconds 10 --clients 1,4
+    python benchmarks/bench_serve.py --n 2M --seconds 8 --clients 1,4 --skip-fault
 
-For each index: N client threads send text->image queries back to back for T seconds to
-127.0.0.1 (nothing else is ever a target); QPS and p50/p95/p99 latency, then the same queries
-through ``Encoder`` + ``ShardedIndex.search_stable`` in this process with N threads, and the ratio.
+For each index: N client threads send text->image queries back to back to 127.0.0.1 (nothing
+else is ever a target), in rounds that alternate with the same queries through ``Encoder`` +
+``ShardedIndex.search_stable`` in this process with N threads (so that a machine whose speed drifts
+slows both sides alike); QPS and p50/p95/p99 latency of each side, their ratio, and its range over
+the rounds.
 The random index is flat, in two shards served by two ``IndexShards`` groups. The fault run kills
 one group's replica under load and counts failed requests until Serve has replaced it; every
 answered request is checked against the in-process result (no response may leave out a shard's
@@ -33,7 +35,8 @@ QUERIES = ["a red circle", "blue sky over water", "two trees and a house", "a ye
 
 
 def closed_loop(fn, clients: int, seconds: float) -> dict:
-    """``fn(i)`` back to back from ``clients`` threads for ``seconds``: QPS and latency quantiles."""
+    """``fn(i)`` back to back from ``clients`` threads for ``seconds``: the latencies of the
+    calls that succeeded (ms), the failures, and the wall time."""
     lat: list[float] = []
     errors = [0]
     stop = time.perf_counter() + seconds
@@ -56,10 +59,16 @@ def closed_loop(fn, clients: int, seconds: float) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    ms = np.array(lat) * 1000 if lat else np.array([np.nan])
-    return {"qps": len(lat) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "errors": errors[0], "n": len(lat)}
+    return {"ms": np.array(lat) * 1000, "errors": errors[0], "wall": time.perf_counter() - t0}
+
+
+def summary(*runs: dict) -> dict:
+    """QPS and latency quantiles over one or more ``closed_loop`` runs taken together."""
+    ms = np.concatenate([r["ms"] for r in runs])
+    ms = ms if len(ms) else np.array([np.nan])
+    q = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 95, 99)}
+    return {"qps": sum(len(r["ms"]) for r in runs) / sum(r["wall"] for r in runs),
+            "errors": sum(r["errors"] for r in runs), "n": len(ms), **q}
 
 
 def random_index(root: str, n: int, fingerprint: str, bits: int = 64) -> str:
@@ -88,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="10M", help="random codes in the large index (default 10M)")
     p.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
-    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--seconds", type=float, default=30.0, help="per row and side (Serve, in-process)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="each row alternates Serve and in-process this many times (seconds/rounds each), so "
+                        "that drift in the machine's speed falls on both sides; the ratio's spread is per round")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--placements", default="ingress,deployment",
                    help="encoder.placement values to measure on the large index (the demo uses the first)")
@@ -173,13 +185,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for _ in range(3):
                     http(0)  # warm-up: first batches, page cache
                 # The fixed cost of the HTTP proxy and the ingress alone: GET /healthz does nothing else.
-                health = closed_loop(lambda i: session.get(url[:-len("/search")] + "/healthz", timeout=60).ok, 1,
-                                     min(3.0, args.seconds))
+                health = summary(closed_loop(lambda i: session.get(url[:-len("/search")] + "/healthz", timeout=60).ok,
+                                             1, min(3.0, args.seconds)))
                 floors.append((label, health))
                 for c in clients:
-                    a = closed_loop(http, c, args.seconds)
-                    b = closed_loop(local, c, args.seconds)
-                    rows.append((label, c, a, b))
+                    serve_runs, local_runs = [], []
+                    for _ in range(args.rounds):
+                        serve_runs.append(closed_loop(http, c, args.seconds / args.rounds))
+                        local_runs.append(closed_loop(local, c, args.seconds / args.rounds))
+                    a, b = summary(*serve_runs), summary(*local_runs)
+                    per_round = [summary(x)["p50"] / summary(y)["p50"] for x, y in zip(serve_runs, local_runs)]
+                    rows.append((label, c, a, b, per_round))
                     print(f"  {label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process", flush=True)
                 if index_uri == big and transport == transports[0] and fault is None and not args.skip_fault:
                     fault = kill_a_group_under_load(url, expected, args.k)
@@ -188,14 +204,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row; "
+    print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row and side; "
           f"proxy to ingress over {args.proxy_transport}; in-process = Encoder + ShardedIndex.search_stable "
           f"in the client's process, same client threads ({threads[0]} search threads, {threads[1]} torch threads)\n")
-    print("| index | clients | Serve QPS | p50 ms | p95 ms | p99 ms | in-process QPS | p50 ms | p99 ms | Serve/in-process p50 | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, c, a, b in rows:
+    print(f"Each row: {args.rounds} rounds of Serve then in-process, {args.seconds / args.rounds:g} s each; the "
+          "ratio is of the p50s over all rounds, the range is the ratio's lowest and highest in one round\n")
+    print("| index | clients | Serve QPS | p50 ms | p95 ms | p99 ms | in-process QPS | p50 ms | p99 ms "
+          "| Serve/in-process p50 | per round | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, c, a, b, per_round in rows:
         print(f"| {label} | {c} | {a['qps']:.1f} | {a['p50']:.1f} | {a['p95']:.1f} | {a['p99']:.1f} | "
-              f"{b['qps']:.1f} | {b['p50']:.1f} | {b['p99']:.1f} | {a['p50'] / b['p50']:.2f}x | {a['errors']} |")
+              f"{b['qps']:.1f} | {b['p50']:.1f} | {b['p99']:.1f} | {a['p50'] / b['p50']:.2f}x | "
+              f"{min(per_round):.2f}-{max(per_round):.2f}x | {a['errors']} |")
     print("\n| app | GET /healthz p50 ms (proxy + ingress, nothing else) | p99 ms |\n|---|---|---|")
     for label, h in floors:
         print(f"| {label} | {h['p50']:.1f} | {h['p99']:.1f} |")
