@@ -186,9 +186,9 @@ def test_flat_knn_equals_brute_force(code_dir, built, k):
 
 
 def test_a_build_leaves_the_callers_faiss_threads_alone(code_dir, tmp_path):
-    # OpenMP's thread count is the process's (torch reads it too). Builds once set it to a Ray
-    # task's 1 and left it there: every later ShardedIndex.open in the process then searched its
-    # shards one after another, and forward passes ran on one thread.
+    # OpenMP's thread count is the calling thread's. Builds once set it to a Ray task's 1 and left
+    # it there: every later ShardedIndex.open from that thread then searched its shards one after
+    # another.
     import faiss
 
     root, _, _ = code_dir

@@ -241,9 +241,10 @@ def sample_codes(uri: str, source: CodeSource, n: int, seed: int, s3_endpoint: s
 def omp_threads(n: int | None) -> Iterator[None]:
     """FAISS's OpenMP thread count set to ``n`` for the block (None: unchanged), then restored.
 
-    The count is the process's, and torch reads the same one: a build that left it at a Ray
-    task's 1 once halved the search threads of every later ``ShardedIndex.open`` in the process
-    (bench_serve's in-process baseline) and left its forward passes on one thread.
+    The count belongs to the calling thread (OpenMP keeps one per thread). A build that left it
+    at a Ray task's 1 made every later ``ShardedIndex.open`` from that thread (threads default to
+    FAISS's count) scan its shards one after another: bench_serve's in-process baseline, built
+    and opened from the main thread.
     """
     import faiss
 
