@@ -271,7 +271,7 @@ def build_shard(
 ) -> ShardEntry:
     """Read one shard's codes, build its index, write it to ``out_uri``; return its entry.
 
-    ``threads``: FAISS's OpenMP threads for this build (a Ray task's CPUs); None: the process's.
+    ``threads``: FAISS's OpenMP threads for this build (a Ray task's CPUs); None: the caller's.
     """
     import hashlib
 
