@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc",
                    help="how the HTTP proxy reaches the ingress (RAY_SERVE_PROXY_USE_GRPC, set cluster-wide "
                         "as cluster/k8s does); default grpc")
+    p.add_argument("--ray-serve", choices=("default", "throughput-optimized"), default="default",
+                   help="throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the cluster (direct ingress: "
+                        "the Frontend replica also serves HTTP on a port of its own); each row is then measured "
+                        "through the proxy and direct to the replica (docs/SERVE.md, 'Latency')")
     p.add_argument("--skip-fault", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -117,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Read by every Serve proxy when it starts: set before this script starts Ray, as the
     # KubeRay cluster sets it in every container.
     os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if args.proxy_transport == "grpc" else "0"
+    if args.ray_serve == "throughput-optimized":
+        # Read by each Serve process as it imports Serve: set before Ray starts. The draining
+        # period lets an external load balancer notice a replica leaving; none is in front here,
+        # and each redeploy would wait it out (30 s).
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import requests
@@ -154,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            url = f"http://127.0.0.1:{port}/search"
+            base = f"http://127.0.0.1:{port}"
             placements, transports = args.placements.split(","), args.transports.split(",")
             big_label = f"random {args.n} x 64 bits (2 shards, 2 groups)"
             runs = [("demo (3,600 items, 1 shard)", demo_index, demo, placements[0], transports[0])]
@@ -168,44 +178,54 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             transport=transport)),
                           name="dcgh", route_prefix="/")
                 label = f"{label}, encoder in {placement}, {transport}"
-                session = requests.Session()
+                # Through the proxy; and under direct ingress, also straight to the Frontend replica.
+                endpoints = {"proxy": base}
+                if args.ray_serve == "throughput-optimized":
+                    endpoints["direct"] = direct_url(base)
                 index = ShardedIndex.open(index_uri)
                 threads = (index.threads, torch.get_num_threads())
                 expected = {q: index.search_stable(qcodes[i:i + 1], args.k)[1][0].tolist() for i, q in enumerate(QUERIES)}
-
-                def http(i: int) -> bool:
-                    r = session.post(url, json={"text": QUERIES[i % len(QUERIES)], "k": args.k}, timeout=60)
-                    return r.status_code == 200
 
                 def local(i: int) -> bool:
                     c = enc.encode_texts([QUERIES[i % len(QUERIES)]]).codes
                     index.search_stable(c, args.k)
                     return True
 
-                for _ in range(3):
-                    http(0)  # warm-up: first batches, page cache
-                # The fixed cost of the HTTP proxy and the ingress alone: GET /healthz does nothing else.
-                health = summary(closed_loop(lambda i: session.get(url[:-len("/search")] + "/healthz", timeout=60).ok,
-                                             1, min(3.0, args.seconds)))
-                floors.append((label, health))
-                for c in clients:
-                    serve_runs, local_runs = [], []
-                    for _ in range(args.rounds):
-                        serve_runs.append(closed_loop(http, c, args.seconds / args.rounds))
-                        local_runs.append(closed_loop(local, c, args.seconds / args.rounds))
-                    a, b = summary(*serve_runs), summary(*local_runs)
-                    per_round = [summary(x)["p50"] / summary(y)["p50"] for x, y in zip(serve_runs, local_runs)]
-                    rows.append((label, c, a, b, per_round))
-                    print(f"  {label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process", flush=True)
+                for via, root in endpoints.items():
+                    session = requests.Session()
+
+                    def http(i: int) -> bool:
+                        r = session.post(f"{root}/search", json={"text": QUERIES[i % len(QUERIES)], "k": args.k},
+                                         timeout=60)
+                        return r.status_code == 200
+
+                    for _ in range(3):
+                        http(0)  # warm-up: first batches, page cache
+                    # The fixed cost of the HTTP path and the ingress alone: GET /healthz does nothing else.
+                    health = summary(closed_loop(lambda i: session.get(f"{root}/healthz", timeout=60).ok,
+                                                 1, min(3.0, args.seconds)))
+                    row_label = f"{label}, {via}"
+                    floors.append((row_label, health))
+                    for c in clients:
+                        serve_runs, local_runs = [], []
+                        for _ in range(args.rounds):
+                            serve_runs.append(closed_loop(http, c, args.seconds / args.rounds))
+                            local_runs.append(closed_loop(local, c, args.seconds / args.rounds))
+                        a, b = summary(*serve_runs), summary(*local_runs)
+                        per_round = [summary(x)["p50"] / summary(y)["p50"] for x, y in zip(serve_runs, local_runs)]
+                        rows.append((row_label, c, a, b, per_round))
+                        print(f"  {row_label}, {c} client(s): {a['qps']:.1f} QPS vs {b['qps']:.1f} in-process",
+                              flush=True)
                 if index_uri == big and transport == transports[0] and fault is None and not args.skip_fault:
-                    fault = kill_a_group_under_load(url, expected, args.k)
+                    # where the fastest path goes: the replica itself under direct ingress
+                    fault = kill_a_group_under_load(f"{root}/search", expected, args.k)
                 index.close()
             serve.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nMachine: {machine()}; text->image, k={args.k}, closed loop for {args.seconds:g} s per row and side; "
-          f"proxy to ingress over {args.proxy_transport}; in-process = Encoder + ShardedIndex.search_stable "
+          f"proxy to ingress over {args.proxy_transport}; Ray Serve {args.ray_serve}; in-process = Encoder + ShardedIndex.search_stable "
           f"in the client's process, same client threads ({threads[0]} search threads, {threads[1]} torch threads)\n")
     print(f"Each row: {args.rounds} rounds of Serve then in-process, {args.seconds / args.rounds:g} s each; the "
           "ratio is of the p50s over all rounds, the range is the ratio's lowest and highest in one round\n")
@@ -216,13 +236,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {label} | {c} | {a['qps']:.1f} | {a['p50']:.1f} | {a['p95']:.1f} | {a['p99']:.1f} | "
               f"{b['qps']:.1f} | {b['p50']:.1f} | {b['p99']:.1f} | {a['p50'] / b['p50']:.2f}x | "
               f"{min(per_round):.2f}-{max(per_round):.2f}x | {a['errors']} |")
-    print("\n| app | GET /healthz p50 ms (proxy + ingress, nothing else) | p99 ms |\n|---|---|---|")
+    print("\n| app | GET /healthz p50 ms (HTTP path + ingress, nothing else) | p99 ms |\n|---|---|---|")
     for label, h in floors:
         print(f"| {label} | {h['p50']:.1f} | {h['p99']:.1f} |")
     if fault:
         print("\n| fault: one IndexShards replica killed under 4 clients | value |\n|---|---|")
         for k, v in fault.items():
             print(f"| {k} | {v} |")
+
+
+def direct_url(proxy: str, timeout: float = 60.0) -> str:
+    """The one Frontend replica's own URL under direct ingress, once the replica of the previous
+    application has left the controller's targets."""
+    from serve.targets import http_targets
+
+    deadline = time.time() + timeout
+    while True:
+        urls = [u for u in http_targets("dcgh") if u != proxy]
+        if len(urls) == 1:
+            return urls[0]
+        if time.time() > deadline:
+            raise RuntimeError(f"expected one direct-ingress target, the controller lists {urls}")
+        time.sleep(0.5)
 
 
 def kill_a_group_under_load(url: str, expected: dict, k: int) -> dict:

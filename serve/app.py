@@ -32,6 +32,7 @@ import base64
 import binascii
 import functools
 import io
+import json
 import logging
 import math
 import os
@@ -119,15 +120,31 @@ class AppArgs(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1)
     shards_per_replica: int = Field(1, ge=1)
     # How the frontend calls the index groups, the item lookup and a QueryEncoder deployment.
-    # "grpc": Ray Serve's direct gRPC data plane between replicas: 0.83x the p50 latency of
-    # "ray" on a 2-core node, 10M codes (docs/BENCHMARKS.md). "ray": Ray actor calls through the
-    # object store, Serve's own default. Either way every replica's gRPC server listens on the
-    # node's address only (_on_node_address).
+    # "grpc": Ray Serve's direct gRPC data plane between replicas: lower latency and more QPS
+    # than "ray" on a 2-core node, 10M codes (docs/BENCHMARKS.md, "Serving"). "ray": Ray actor
+    # calls through the object store, Serve's own default. Either way every replica's gRPC
+    # server listens on the node's address only (_on_node_address).
     transport: Literal["grpc", "ray"] = "grpc"
     encoder: EncoderOptions = Field(default_factory=EncoderOptions)
     index: DeploymentOptions = Field(default_factory=DeploymentOptions)
     metadata: DeploymentOptions = Field(default_factory=DeploymentOptions)
     frontend: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_from_the_command_line(cls, data: Any) -> Any:
+        # `serve run serve.app:build_app indexes='{"text": ...}'` passes every value as a string:
+        # the mappings come as JSON text.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("indexes", "encoder", "index", "metadata", "frontend"):
+            if isinstance(data.get(name), str):
+                try:
+                    data[name] = json.loads(data[name])
+                except ValueError as e:
+                    raise ValueError(f"{name}: not a JSON object ({e}): {data[name]!r}") from e
+        return data
 
 
 # --------------------------------------------------------------------------------------------

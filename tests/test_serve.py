@@ -119,21 +119,13 @@ def _search(url, **body):
 def test_only_loopback_and_the_openapi_doc(served):
     """Every socket the deployment's processes listen on is loopback, the replicas' internal gRPC
     servers included (Ray Serve binds those to every interface unless serve.app rebinds them)."""
-    import psutil
+    from sockets import LOOPBACK, listening_sockets
 
-    me = psutil.Process()
-    cmd = {}
-    for p in me.children(recursive=True):
-        try:
-            cmd[p.pid] = " ".join(p.cmdline())
-        except psutil.Error:
-            pass
-    listening = [(c.laddr.ip, c.laddr.port, cmd[c.pid]) for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in cmd]
+    listening = listening_sockets()
     replicas = {n for _, _, n in listening if n.startswith("ray::ServeReplica")}
     # the frontend, the item lookup and the six index groups: each runs its own gRPC server
     assert len(replicas) >= 8, replicas
-    assert [x for x in listening if x[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == []
+    assert [x for x in listening if x[0] not in LOOPBACK] == []
     r = requests.get(f"{served['url']}/openapi.json", timeout=30)
     assert r.status_code == 200 and "/search" in r.json()["paths"] and "/search/image" in r.json()["paths"]
     assert requests.get(f"{served['url']}/healthz", timeout=30).json() == {"status": "ok"}
@@ -190,6 +182,64 @@ def test_encoder_as_its_own_deployment_and_ray_transport_answer_the_same(served)
         serve.delete("dcgh-encoder")
     with pytest.raises(ValidationError, match="encoder.num_gpus size a QueryEncoder deployment"):
         AppArgs.model_validate({**args.model_dump(), "encoder": {"num_gpus": 1}})
+
+
+def test_command_line_arguments_arrive_as_strings():
+    """`serve run serve.app:build_app key=value` passes strings: the mappings are JSON text, the
+    numbers are coerced, and a mapping that is not JSON is an error naming the argument."""
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    args = AppArgs.model_validate({"checkpoint": "runs/demo/checkpoint", "indexes": '{"text": "indexes/demo-text"}',
+                                   "frontend": '{"num_replicas": 2}', "max_k": "50"})
+    assert args.indexes == {"text": "indexes/demo-text"} and args.frontend.num_replicas == 2 and args.max_k == 50
+    with pytest.raises(ValidationError, match="indexes: not a JSON object"):
+        AppArgs.model_validate({"checkpoint": "c", "indexes": "{text: x}"})
+    with pytest.raises(ValidationError, match="image"):
+        AppArgs.model_validate({"checkpoint": "c", "indexes": '{"picture": "x"}'})
+
+
+@pytest.mark.timeout(400)
+def test_throughput_optimized_mode_answers_on_the_replicas_own_loopback_port(served):
+    """RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress: the Frontend replica serves HTTP on a port
+    of its own, no proxy hop), in a cluster of its own: ``serve.targets`` finds the replica's port,
+    which is not the proxy's; it answers what the proxy answers, and what ShardedIndex answers;
+    bad input is still a 4xx naming the field; and every socket listens on loopback."""
+    import json
+    import subprocess
+
+    from dcgh_dist.index import ShardedIndex
+    from dcgh_dist.models.encoder import Encoder
+    from serve.targets import http_targets
+    from sockets import LOOPBACK
+
+    assert http_targets("dcgh") == [served["url"]]  # by default: the proxy, nothing else
+    texts, k = ["a red circle", "blue sky"], 15
+    args = served["args"].model_copy(update={"indexes": {"image": served["indexes"]["image"]}})
+    spec = {"port": _free_port(), "args": args.model_dump(exclude_none=True), "texts": texts, "k": k}
+    # The draining period is for external load balancers to notice a replica leaving; nothing
+    # here needs it, and Serve's shutdown would wait it out (30 s).
+    env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "direct_ingress_child.py"), json.dumps(spec)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=360)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+
+    assert out["targets"] and out["proxy"] not in out["targets"], out["targets"]
+    assert all(u.startswith("http://127.0.0.1:") for u in out["targets"]), out["targets"]
+    enc = Encoder.from_checkpoint(served["ckpt"], device="cpu")
+    index = ShardedIndex.open(served["indexes"]["image"])
+    D, I = index.search_stable(enc.encode_texts(texts).codes, k)
+    expected = [list(zip(d.tolist(), i.tolist())) for d, i in zip(D, I)]
+    for url, answers in out["answers"].items():
+        assert [[(x["distance"], x["id"]) for x in a["results"]] for a in answers] == expected, url
+    for status, body, after in out["bad_k"]:
+        assert status == 422 and body["field"] == "k" and after == 200, body
+    assert any(port == int(out["targets"][0].rsplit(":", 1)[1]) for _, port, _ in out["listening"])
+    assert [x for x in out["listening"] if x[0] not in LOOPBACK] == []
 
 
 def test_image_and_id_queries(served):
