@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               flush=True)
                 if index_uri == big and transport == transports[0] and fault is None and not args.skip_fault:
                     # where the fastest path goes: the replica itself under direct ingress
-                    fault = kill_a_group_under_load(f"{root}/search", expected, args.k)
+                    fault = kill_a_group_under_load(f"{endpoints.get('direct', base)}/search", expected, args.k)
                 index.close()
             serve.shutdown()
     finally:
@@ -265,7 +265,7 @@ def kill_a_group_under_load(url: str, expected: dict, k: int) -> dict:
     import ray
     import requests
 
-    log: list[tuple[float, int, bool]] = []  # (time, status, answer complete and right)
+    log: list[tuple[float, int, bool, float]] = []  # (time, status, answer complete and right, seconds taken)
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -274,12 +274,13 @@ def kill_a_group_under_load(url: str, expected: dict, k: int) -> dict:
         i = w
         while not stop.is_set():
             q = QUERIES[i % len(QUERIES)]
+            t0 = time.time()
             try:
                 r = s.post(url, json={"text": q, "k": k}, timeout=60)
                 right = r.status_code != 200 or [x["id"] for x in r.json()["results"]] == expected[q]
-                entry = (time.time(), r.status_code, right)
+                entry = (time.time(), r.status_code, right, time.time() - t0)
             except requests.RequestException:
-                entry = (time.time(), 0, True)
+                entry = (time.time(), 0, True, time.time() - t0)
             with lock:
                 log.append(entry)
             i += 4
@@ -288,31 +289,38 @@ def kill_a_group_under_load(url: str, expected: dict, k: int) -> dict:
     for t in threads:
         t.start()
     time.sleep(3)
-    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if "IndexShards-image-0" in a["name"])
+
+    def group0() -> list[dict]:
+        return [a for a in ray.util.list_named_actors(all_namespaces=True) if "IndexShards-image-0" in a["name"]]
+
+    victim = group0()[0]
     killed_at = time.time()
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     deadline = killed_at + 120
-    while time.time() < deadline:  # recovered: 20 answers in a row after the kill, all 200
+    while time.time() < deadline:  # recovered: a new replica, and 20 answers in a row after the kill, all 200
         with lock:
-            after = [s for t, s, _ in log if t > killed_at]
-        if len(after) > 20 and all(s == 200 for s in after[-20:]):
+            after = [s for t, s, _, _ in log if t > killed_at]
+        if len(after) > 20 and all(s == 200 for s in after[-20:]) and any(
+                a["name"] != victim["name"] for a in group0()):
             break
         time.sleep(0.5)
     time.sleep(3)
     stop.set()
     for t in threads:
         t.join()
-    after = [(t, s, ok) for t, s, ok in log if t > killed_at]
-    failed = [(t, s) for t, s, _ in after if s != 200]
+    replacements = [a["name"] for a in group0() if a["name"] != victim["name"]]
+    after = [(t, s, ok, dt) for t, s, ok, dt in log if t > killed_at]
+    failed = [(t, s) for t, s, _, _ in after if s != 200]
     last_fail = max((t for t, _ in failed), default=killed_at)
     return {
         "requests after the kill": len(after),
         "failed (503 / other / connection)": f"{sum(s == 503 for _, s in failed)} / "
                                               f"{sum(s not in (0, 503) for _, s in failed)} / {sum(s == 0 for _, s in failed)}",
         "seconds until the last failure": round(last_fail - killed_at, 1),
-        "answers missing a shard's items": sum(not ok for _, _, ok in after),
-        "requests after recovery that failed": sum(1 for t, s, _ in after if t > last_fail and s != 200),
+        "longest request answered after the kill (s)": round(max((dt for _, _, _, dt in after), default=0.0), 2),
+        "answers missing a shard's items": sum(not ok for _, _, ok, _ in after),
+        "requests after recovery that failed": sum(1 for t, s, _, _ in after if t > last_fail and s != 200),
+        "replaced by a new replica": f"yes ({replacements[0].rsplit('#', 1)[-1]})" if replacements else "no",
     }
 
 

@@ -10,7 +10,6 @@ judge.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -47,5 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     main(sys.argv[1:])

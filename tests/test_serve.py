@@ -200,6 +200,30 @@ def test_command_line_arguments_arrive_as_strings():
         AppArgs.model_validate({"checkpoint": "c", "indexes": '{"picture": "x"}'})
 
 
+def test_targets_are_where_the_servers_listen():
+    """serve.targets from the controller's details: the bound host replaces the node address the
+    controller advertises unless the host is every interface; Serve's default host when the
+    details leave it out; only HTTP groups; the route prefix; nothing for an app not running."""
+    from ray.serve._private.common import RequestProtocol
+
+    from serve.targets import http_targets
+
+    def details(host, prefix="/"):
+        t = [{"ip": "10.0.0.7", "port": 30000, "instance_id": "", "name": "a"},
+             {"ip": "10.0.0.8", "port": 30000, "instance_id": "", "name": "b"}]
+        return {"http_options": {"host": host} if host is not None else {}, "applications": {"dcgh": {}},
+                "target_groups": [{"targets": t, "route_prefix": prefix, "protocol": RequestProtocol.HTTP,
+                                   "app_name": "dcgh"},
+                                  {"targets": t, "route_prefix": prefix, "protocol": "gRPC", "app_name": "dcgh"}]}
+
+    assert http_targets("dcgh", details("127.0.0.1")) == ["http://127.0.0.1:30000"]
+    assert http_targets("dcgh", details(None)) == ["http://127.0.0.1:30000"]  # Serve's default host
+    assert http_targets("dcgh", details("0.0.0.0", "/api/")) == ["http://10.0.0.7:30000/api",
+                                                                 "http://10.0.0.8:30000/api"]
+    assert http_targets(None, details("::1")) == ["http://[::1]:30000"]
+    assert http_targets("other", details("0.0.0.0")) == []
+
+
 @pytest.mark.timeout(400)
 def test_throughput_optimized_mode_answers_on_the_replicas_own_loopback_port(served):
     """RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress: the Frontend replica serves HTTP on a port
@@ -207,6 +231,7 @@ def test_throughput_optimized_mode_answers_on_the_replicas_own_loopback_port(ser
     which is not the proxy's; it answers what the proxy answers, and what ShardedIndex answers;
     bad input is still a 4xx naming the field; and every socket listens on loopback."""
     import json
+    import signal
     import subprocess
 
     from dcgh_dist.index import ShardedIndex
@@ -222,10 +247,24 @@ def test_throughput_optimized_mode_answers_on_the_replicas_own_loopback_port(ser
     # here needs it, and Serve's shutdown would wait it out (30 s).
     env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "direct_ingress_child.py"), json.dumps(spec)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=360)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "direct_ingress_child.py"), json.dumps(spec)],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # SIGINT first: the child's ray_session then stops its cluster; then whatever is left.
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        from dcgh_dist.ray_session import sweep_orphans
+
+        sweep_orphans()
+    line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, stdout[-3000:] + stderr[-3000:]
     out = json.loads(line[len("RESULT "):])
 
     assert out["targets"] and out["proxy"] not in out["targets"], out["targets"]
