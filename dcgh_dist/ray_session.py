@@ -101,6 +101,8 @@ def ray_session(
         ok = True
     finally:
         ray.shutdown()
+        if own_root:
+            end_leftovers(root)
         if ok and own_root:
             shutil.rmtree(root, ignore_errors=True)
         elif not ok:
@@ -173,6 +175,28 @@ def processes_of(root: str) -> list:
         except psutil.Error:
             pass
     return found
+
+
+def end_leftovers(root: str, grace_s: float = 5.0) -> list[int]:
+    """End the processes of the Ray run in ``root`` that outlived ``ray.shutdown()``; returns
+    their PIDs. Workers normally exit once their raylet is gone, so each gets ``grace_s`` first;
+    but one was seen still running 40 minutes on (a Ray Train controller whose parent was init),
+    and once the run directory is removed, ``sweep_orphans`` can no longer find it. This process
+    and its ancestors are never ended (the driver may hold its own logs under ``root``)."""
+    import psutil
+
+    me = psutil.Process()
+    spare = {me.pid, *(p.pid for p in me.parents())}
+    procs = [p for p in processes_of(root) if p.pid not in spare]
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    if alive:
+        logger.warning("ended %d process(es) of the Ray run in %s that outlived ray.shutdown(): %s",
+                       len(alive), root, [p.pid for p in alive])
+    return [p.pid for p in alive]
 
 
 def sweep_orphans(tmp: str | None = None) -> list[int]:

@@ -34,6 +34,17 @@ with ray_session(num_cpus=2, dashboard=True):
     print("READY", ray._private.worker._global_node.get_session_dir_path(), tmp, code, flush=True)
     if sys.argv[1] == "hang":
         time.sleep(600)
+    if sys.argv[1] == "straggler":
+        # What the run can leave behind: a process holding a file under the run directory, in a
+        # session of its own, which ray.shutdown() does not end (as a Ray Train controller once
+        # outlived it; Ray itself ends its workers' children, so this one is started here).
+        import subprocess
+        held = os.path.join(tmp, "held")
+        p = subprocess.Popen([sys.executable, "-c", f"import time; f = open({held!r}, 'w'); time.sleep(600)"],
+                             start_new_session=True)
+        while not os.path.exists(held):
+            time.sleep(0.1)
+        print("STRAGGLER", p.pid, flush=True)
 """
 
 
@@ -74,6 +85,22 @@ def test_clean_exit_removes_the_run_directory(short_tmp):
     assert worker_tmp == os.path.join(root, "tmp")  # workers' temp files live with the session
     assert not os.path.exists(root), os.listdir(root)
     assert not _procs_under(root)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_clean_exit_ends_what_outlived_the_shutdown(short_tmp):
+    proc = _driver("straggler", short_tmp)
+    session, _, _ = _ready(proc)
+    pid = int(next(proc.stdout).split()[1])
+    straggler = psutil.Process(pid)
+    try:
+        assert proc.wait(timeout=120) == 0
+        assert not (straggler.is_running() and straggler.status() != psutil.STATUS_ZOMBIE)
+        assert not os.path.exists(os.path.dirname(session))
+    finally:
+        if straggler.is_running():
+            straggler.kill()
 
 
 @pytest.mark.ray
