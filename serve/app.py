@@ -260,8 +260,20 @@ class IndexShards:
         logger.info("%s group %d/%d: build %s, %d of %d shards, %d items", self.modality, self.group,
                     self.groups, manifest.build_id, len(mine), len(manifest.shards), new.ntotal)
 
-    def search(self, codes: bytes, k: int) -> dict:
+    async def search(self, codes: bytes, k: int) -> dict:
         index = self.index  # one reference for the whole query: an upgrade cannot switch it mid-way
+        if index.threads == 1:
+            # One search thread (a replica of one CPU or less; Serve's default is one): the scan
+            # runs right here, on the replica's event loop. Serve would run a plain method in a
+            # worker thread, which only adds a hop when the scans take turns on one CPU anyway:
+            # ~1 ms of a 15 ms query over 10M codes on a 2-core node (docs/BENCHMARKS.md,
+            # "Serving"). Queries beyond the running one wait in Serve's queue meanwhile.
+            return self._search(index, codes, k)
+        # More CPUs (ShardedIndex takes Ray's OMP_NUM_THREADS, the replica's num_cpus): each query
+        # scans in a worker thread, so that as many run at once.
+        return await asyncio.to_thread(self._search, index, codes, k)
+
+    def _search(self, index, codes: bytes, k: int) -> dict:
         q = np.frombuffer(codes, dtype=np.uint8).reshape(1, -1)
         if index.ntotal == 0:
             return {"distances": [], "ids": [], "build_id": index.manifest.build_id, "group": self.group}
@@ -273,7 +285,7 @@ class IndexShards:
     def info(self) -> dict:
         m = self.index.manifest
         return {"ntotal": self.index.ntotal, "build_id": m.build_id, "bits": m.bits,
-                "model_fingerprint": m.model_fingerprint}
+                "model_fingerprint": m.model_fingerprint, "threads": self.index.threads}
 
 
 @serve.deployment

@@ -158,22 +158,28 @@ def test_results_equal_sharded_index_search(served):
         assert all(x["caption"] and x["image_url"] == f"/items/{x['id']}/image" for x in body["results"])
 
 
-def test_encoder_as_its_own_deployment_and_ray_transport_answer_the_same(served):
+def test_encoder_deployment_ray_transport_and_a_multi_cpu_group_answer_the_same(served):
     """encoder.placement: deployment (a QueryEncoder deployment, e.g. on GPU nodes), called with
-    transport: ray (actor calls through the object store), gives the answers of the defaults: the
-    towers in the frontend, and gRPC between the deployments."""
+    transport: ray (actor calls through the object store), and one index group of 2 CPUs holding
+    all three shards (its queries scan in worker threads, the shards in parallel; the defaults'
+    one-CPU groups scan on the replica's event loop) give the answers of the defaults."""
     from pydantic import ValidationError
     from ray import serve
 
-    from serve.app import AppArgs, EncoderOptions, build_app
+    from serve.app import AppArgs, DeploymentOptions, EncoderOptions, build_app
 
     args = served["args"].model_copy(update={"indexes": {"image": served["indexes"]["image"]}, "dataset": None,
                                              "encoder": EncoderOptions(placement="deployment", num_cpus=0),
-                                             "transport": "ray"})
+                                             "transport": "ray", "shards_per_replica": 3,
+                                             "index": DeploymentOptions(num_cpus=2)})
     assert served["args"].transport == "grpc"
     serve.run(build_app(args), name="dcgh-encoder", route_prefix="/enc")
     try:
-        assert "QueryEncoder" in serve.status().applications["dcgh-encoder"].deployments
+        deployments = serve.status().applications["dcgh-encoder"].deployments
+        assert "QueryEncoder" in deployments and [d for d in deployments if d.startswith("IndexShards")] == [
+            "IndexShards-image-0"]
+        group = serve.get_deployment_handle("IndexShards-image-0", app_name="dcgh-encoder")
+        assert group.info.remote().result(timeout_s=60)["threads"] == 2  # Ray's OMP_NUM_THREADS: num_cpus
         for text in ("a red circle", "blue"):
             ids = [[x["id"] for x in _search(url, text=text, k=20).json()["results"]]
                    for url in (served["url"], served["url"] + "/enc")]
