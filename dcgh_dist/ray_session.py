@@ -177,6 +177,16 @@ def processes_of(root: str) -> list:
     return found
 
 
+def _kill(procs: list) -> tuple[list, list]:
+    """SIGKILL each process (one that already left is no error) and wait for them: (gone, alive)."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return psutil.wait_procs(procs, timeout=10)
+
+
 def end_leftovers(root: str, grace_s: float = 5.0) -> list[int]:
     """End the processes of the Ray run in ``root`` that outlived ``ray.shutdown()``; returns
     their PIDs. Workers normally exit once their raylet is gone, so each gets ``grace_s`` first;
@@ -189,10 +199,7 @@ def end_leftovers(root: str, grace_s: float = 5.0) -> list[int]:
     spare = {me.pid, *(p.pid for p in me.parents())}
     procs = [p for p in processes_of(root) if p.pid not in spare]
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
+    _kill(alive)
     if alive:
         logger.warning("ended %d process(es) of the Ray run in %s that outlived ray.shutdown(): %s",
                        len(alive), root, [p.pid for p in alive])
@@ -205,8 +212,6 @@ def sweep_orphans(tmp: str | None = None) -> list[int]:
     Returns the PIDs it ended. Only run directories made by ``ray_session`` (``dcgh-ray-*`` with
     an owner file), belonging to this user, whose owner process no longer exists are touched, and
     only this user's processes in them are ended: another user's runs in a shared /tmp are theirs."""
-    import psutil
-
     tmp = tmp or tempfile.gettempdir()
     uid = os.getuid()
     dead = [os.path.join(tmp, d) for d in os.listdir(tmp)
@@ -214,11 +219,7 @@ def sweep_orphans(tmp: str | None = None) -> list[int]:
             and not _owner_alive(os.path.join(tmp, d))]
     ended: list[int] = []
     for root in dead:
-        procs = processes_of(root)
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        gone, alive = psutil.wait_procs(procs, timeout=10)
+        gone, alive = _kill(processes_of(root))
         ended += [p.pid for p in gone]
         if alive:
             logger.warning("could not end %s, left over from a Ray run in %s", [p.pid for p in alive], root)
