@@ -235,11 +235,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for via, root in endpoints.items():
                     client = Client(root)
 
-                    def http(i: int) -> bool:
+                    def query(i: int) -> bool:
                         return client.search(QUERIES[i % len(QUERIES)], args.k)[0] == 200
 
                     for _ in range(3):
-                        http(0)  # warm-up: first batches, page cache
+                        query(0)  # warm-up: first batches, page cache
                     # The fixed cost of the HTTP path and the ingress alone: GET /healthz does nothing else.
                     health = summary(closed_loop(lambda i: client.request("GET", "/healthz")[0] == 200,
                                                  1, min(3.0, args.seconds)))
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     for c in clients:
                         serve_runs, local_runs = [], []
                         for _ in range(args.rounds):
-                            serve_runs.append(closed_loop(http, c, args.seconds / args.rounds))
+                            serve_runs.append(closed_loop(query, c, args.seconds / args.rounds))
                             local_runs.append(closed_loop(local, c, args.seconds / args.rounds))
                         a, b = summary(*serve_runs), summary(*local_runs)
                         per_round = [summary(x)["p50"] / summary(y)["p50"] for x, y in zip(serve_runs, local_runs)]
