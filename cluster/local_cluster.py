@@ -26,6 +26,7 @@ for anyone who can reach the port. ``start`` writes a random token to ``<state-d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -190,6 +191,8 @@ def stop(args: argparse.Namespace) -> int:
     """Stop the daemon and every process it recorded; returns how many had to be killed."""
     import psutil
 
+    from dcgh_dist.ray_session import kill_and_wait
+
     state = _read_state(args.state_dir)
     if state is None:
         print(f"no cluster recorded in {args.state_dir}")
@@ -203,14 +206,9 @@ def stop(args: argparse.Namespace) -> int:
     leftovers = []
     for pid, created in recorded_processes(state):
         if _alive(pid, created):
-            try:
-                proc = psutil.Process(pid)
-                proc.kill()
-                leftovers.append(proc)
-            except psutil.Error:
-                pass
-    # SIGKILL is asynchronous: return only once they are gone
-    _, still = psutil.wait_procs(leftovers, timeout=30)
+            with contextlib.suppress(psutil.Error):
+                leftovers.append(psutil.Process(pid))
+    _, still = kill_and_wait(leftovers, timeout=30)
     if still:
         raise SystemExit(f"could not stop processes {[p.pid for p in still]}")
     killed = len(leftovers)

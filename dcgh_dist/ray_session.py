@@ -177,14 +177,15 @@ def processes_of(root: str) -> list:
     return found
 
 
-def _kill(procs: list) -> tuple[list, list]:
-    """SIGKILL each process (one that already left is no error) and wait for them: (gone, alive)."""
+def kill_and_wait(procs: list, timeout: float = 10.0) -> tuple[list, list]:
+    """SIGKILL each ``psutil.Process`` (one that already left is no error) and wait up to
+    ``timeout`` s for them, as SIGKILL is asynchronous: (gone, alive)."""
     import psutil
 
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    return psutil.wait_procs(procs, timeout=10)
+    return psutil.wait_procs(procs, timeout=timeout)
 
 
 def end_leftovers(root: str, grace_s: float = 5.0) -> list[int]:
@@ -199,7 +200,7 @@ def end_leftovers(root: str, grace_s: float = 5.0) -> list[int]:
     spare = {me.pid, *(p.pid for p in me.parents())}
     procs = [p for p in processes_of(root) if p.pid not in spare]
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    _kill(alive)
+    kill_and_wait(alive)
     if alive:
         logger.warning("ended %d process(es) of the Ray run in %s that outlived ray.shutdown(): %s",
                        len(alive), root, [p.pid for p in alive])
@@ -219,7 +220,7 @@ def sweep_orphans(tmp: str | None = None) -> list[int]:
             and not _owner_alive(os.path.join(tmp, d))]
     ended: list[int] = []
     for root in dead:
-        gone, alive = _kill(processes_of(root))
+        gone, alive = kill_and_wait(processes_of(root))
         ended += [p.pid for p in gone]
         if alive:
             logger.warning("could not end %s, left over from a Ray run in %s", [p.pid for p in alive], root)

@@ -261,6 +261,8 @@ class SimulatedCluster:
         """End every process this cluster started, and nothing else."""
         import psutil
 
+        from dcgh_dist.ray_session import kill_and_wait
+
         if self.proc is None:
             return
         procs = self.processes()
@@ -270,12 +272,7 @@ class SimulatedCluster:
             except psutil.Error:
                 pass
         _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=30)
+        _, still = kill_and_wait(alive, timeout=30)
         self._log.close()
         if still:
             raise RuntimeError(f"could not stop {[p.pid for p in still]}; logs kept in {self.root}")
