@@ -286,7 +286,7 @@ DAPH_POSITIVE_RULES = ("exact", "superset")
 @dataclass(frozen=True)
 class DAPHConfig:
     """DAPH (SIGIR 2023) loss settings (``dcgh_dist/losses/daph.py``). The defaults are the
-    authors' command-line defaults; see ``../shared/golden/DAPH.md`` §1.3 and §2.3."""
+    authors' command-line defaults; see ``tests/data/golden/DAPH.md`` §1.3 and §2.3."""
 
     gamma: float = 20.0  # scale of the softmax-like terms (the reference parses it as an int)
     sigma: float = 0.2  # margin subtracted from the positive similarity

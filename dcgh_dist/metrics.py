@@ -3,7 +3,7 @@
 All functions take numpy arrays and return python floats (or numpy arrays for the PR curve).
 
 Conventions shared by every metric (they follow the DCGH authors' evaluation code; see
-``shared/golden/README.md``):
+``tests/data/golden/README.md``):
 
 * **Codes** may be ±1, {0, 1} or real-valued relaxed codes (e.g. tanh outputs); see
   :func:`binarize` for how they become bits.

@@ -19,13 +19,11 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
-# Reference values from the DCGH authors' code. The shared folder sits next to the checkout
-# (../shared) or inside it (shared/); DCGH_GOLDEN_DIR overrides both.
-_GOLDEN_CANDIDATES = [REPO.parent / "shared" / "golden", REPO / "shared" / "golden"]
-GOLDEN = Path(
-    os.environ.get("DCGH_GOLDEN_DIR")
-    or next((p for p in _GOLDEN_CANDIDATES if p.is_dir()), _GOLDEN_CANDIDATES[0])
-)
+# Test data that a cloned repository carries (tests/data/README.md gives each file's provenance):
+# the reference values computed with the DCGH and DAPH authors' code, KubeRay's CRD schemas.
+TEST_DATA = REPO / "tests" / "data"
+# DCGH_GOLDEN_DIR points elsewhere only for the test that golden data missing is an error.
+GOLDEN = Path(os.environ.get("DCGH_GOLDEN_DIR") or TEST_DATA / "golden")
 # The files the golden tests read: a directory without them is as missing as no directory.
 GOLDEN_FILES = ("map_cases.npz", "dcgh_loss_cases.npz")
 
@@ -81,8 +79,7 @@ def golden_dir() -> Path:
     missing = [name for name in GOLDEN_FILES if not (GOLDEN / name).is_file()]
     if missing:
         pytest.fail(
-            f"golden reference values not found: {', '.join(missing)} missing in {GOLDEN} "
-            "(set DCGH_GOLDEN_DIR to the folder holding them)",
+            f"golden reference values not found: {', '.join(missing)} missing in {GOLDEN}",
             pytrace=False,
         )
     return GOLDEN

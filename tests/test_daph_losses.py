@@ -1,4 +1,4 @@
-"""DAPH losses against the golden values of the authors' code (``../shared/golden/DAPH.md`` §6).
+"""DAPH losses against the golden values of the authors' code (``tests/data/golden/DAPH.md`` §6).
 
 Every comparison is float64 at 1e-8 relative (1e-12 absolute floor for zeros): several of the
 mistakes DAPH.md lists move the values by only 1e-6..1e-8, and the mutation tests below check that

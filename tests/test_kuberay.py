@@ -1,7 +1,7 @@
 """The KubeRay manifests in cluster/k8s/, checked offline, and their autoscaling run for real.
 
 * Every manifest of every overlay, rendered, validates against KubeRay v1.7.0's CRD schemas
-  made strict (``../shared/data/kuberay/``), core kinds with ``kubernetes-validate``, and
+  made strict (``tests/data/kuberay/``), core kinds with ``kubernetes-validate``, and
   ``serveConfigV2`` with Ray Serve's ``ServeDeploySchema`` and the application's own ``AppArgs``.
 * Every RayJob entrypoint is parsed by its job's own argument parser and config tree.
 * Each worker group's Ray resources agree with its container's limits.
@@ -37,7 +37,7 @@ import render
 import serve_config
 
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu"]
-CRD_DIR_CANDIDATES = [REPO.parent / "shared" / "data" / "kuberay", REPO / "shared" / "data" / "kuberay"]
+CRD_DIR = REPO / "tests" / "data" / "kuberay"  # KubeRay v1.7.0, unmodified (tests/data/README.md)
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 K8S_VERSION = "1.32"  # kubernetes-validate's schemas for the core kinds
@@ -86,12 +86,9 @@ def strict(schema: Any) -> Any:
 def crd_validators() -> dict[str, Any]:
     import jsonschema
 
-    crd_dir = next((d for d in CRD_DIR_CANDIDATES if d.is_dir()), None)
-    if crd_dir is None:
-        pytest.fail(f"KubeRay CRDs not found in {[str(d) for d in CRD_DIR_CANDIDATES]}", pytrace=False)
     validators = {}
     for kind, name in CRD_FILES.items():
-        crd = yaml.safe_load((crd_dir / name).read_text())
+        crd = yaml.safe_load((CRD_DIR / name).read_text())
         [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         validators[kind] = jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
     return validators

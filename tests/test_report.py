@@ -60,10 +60,15 @@ def metric_key(label: str) -> str:
     return f"{COLUMN_KEYS[name]}_{'i2t' if arrow == 'i→t' else 't2i'}"
 
 
-def fake_run(path: Path, dataset: str, bits: int, seed: int, values: dict, **extra) -> Path:
-    """A run directory with only metrics.json and config.yaml (no checkpoint)."""
+def fake_run(path: Path, dataset: str, bits: int, seed: int, values: dict, config: dict | None = None,
+             **extra) -> Path:
+    """A run directory with only metrics.json and config.yaml (no checkpoint); ``config`` adds
+    to the config tree, e.g. ``{"loss": {"variance_weight": 0.0}}``."""
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"model": {"bits": bits}, "train": {"seed": seed}}))
+    tree = {"model": {"bits": bits}, "train": {"seed": seed, "output_dir": str(path)}}
+    for section, keys in (config or {}).items():
+        tree.setdefault(section, {}).update(keys)
+    (path / "config.yaml").write_text(yaml.safe_dump(tree))
     (path / "metrics.json").write_text(json.dumps({"dataset": dataset, "num_query": 10, "num_database": 90,
                                                    **values, **extra}))
     return path
@@ -147,6 +152,42 @@ def test_table_aggregates_seeds_and_marks_the_best(tmp_path):
     row = next(r for r in parsed if r["method"] == "dcgh")
     assert row["seeds"] == "2 (0, 1)" and row["mAP i→t"] == "0.6000 ± 0.1414"
     assert row["P@10 i→t"] == "**0.8500 ± 0.0707**"
+
+
+def test_runs_that_differ_in_config_are_rows_of_their_own_labelled_by_the_difference(tmp_path, capsys):
+    """The first ablation a user runs: loss.variance_weight 1.0 vs 0.0, both seed 0. They are two
+    experiments, not two seeds of one; a second seed of one of them joins its row."""
+    from dcgh_dist.report.runs import RunError, load_runs
+    from dcgh_dist.report.table import build_table
+
+    ds = str(tmp_path / "ds")
+    full = fake_run(tmp_path / "full", ds, 64, 0, {"map_i2t": 0.80, "map_t2i": 0.78},
+                    config={"loss": {"variance_weight": 1.0}})
+    novar = fake_run(tmp_path / "novar", ds, 64, 0, {"map_i2t": 0.70, "map_t2i": 0.66},
+                     config={"loss": {"variance_weight": 0.0}})
+    novar1 = fake_run(tmp_path / "novar1", ds, 64, 1, {"map_i2t": 0.72, "map_t2i": 0.68},
+                      config={"loss": {"variance_weight": 0.0}})
+    rows = {r.label: r for r in build_table(load_runs([str(full), str(novar)])).rows}
+    assert set(rows) == {"dcgh (loss.variance_weight=1.0)", "dcgh (loss.variance_weight=0.0)"}
+    assert rows["dcgh (loss.variance_weight=0.0)"].cells["map_i2t"].values == [0.70]  # its own mAP
+    assert rows["dcgh (loss.variance_weight=1.0)"].cells["map_i2t"].std is None
+    rows = {r.label: r for r in build_table(load_runs([str(full), str(novar), str(novar1)])).rows}
+    assert rows["dcgh (loss.variance_weight=0.0)"].seeds == [0, 1]
+    assert rows["dcgh (loss.variance_weight=0.0)"].cells["map_i2t"].mean == pytest.approx(0.71)
+    # where a run wrote its outputs is not part of what it trained: seeds still join
+    again = fake_run(tmp_path / "elsewhere" / "x", ds, 64, 1, {"map_i2t": 0.82, "map_t2i": 0.8},
+                     config={"loss": {"variance_weight": 1.0}, "train": {"run_name": "other"}})
+    [row] = [r for r in build_table(load_runs([str(full), str(again)])).rows if r.kind == "method"]
+    assert row.label == "dcgh" and row.seeds == [0, 1]
+    # the same experiment and seed twice is one result, never two seeds
+    twin = fake_run(tmp_path / "twin", ds, 64, 0, {"map_i2t": 0.79, "map_t2i": 0.77},
+                    config={"loss": {"variance_weight": 1.0}})
+    with pytest.raises(RunError, match=r"same config and the same seed \(0\)"):
+        load_runs([str(full), str(twin)])
+    import report as report_job  # jobs/report.py
+
+    assert run_job(report_job.main, ["--runs", str(full), str(twin), "--output", str(tmp_path / "r")]) == 2
+    assert "same config and the same seed" in capsys.readouterr().err
 
 
 def test_refuses_what_is_not_a_finished_run(tmp_path, capsys):

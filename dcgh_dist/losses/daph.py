@@ -1,7 +1,7 @@
 """DAPH losses (Data-Aware Proxy Hashing, SIGIR 2023) as pure functions of tensors.
 
 Numerically these are the loss statements of the authors' code (github rongchengtu1/DAPH,
-``DAPH_proxy_code.py`` for stage 1 and ``DAPH.py`` for stage 2); ``../shared/golden/DAPH.md``
+``DAPH_proxy_code.py`` for stage 1 and ``DAPH.py`` for stage 2); ``tests/data/golden/DAPH.md``
 gives the formulas and every place an epsilon goes, and ``tests/test_daph_losses.py`` checks them
 against the golden values at 1e-8 relative in float64.
 

@@ -1,7 +1,7 @@
 """DCGH loss: class-proxy, pairwise and variance terms, as pure functions of tensors.
 
 Numerically this is ``HyP.forward`` of the authors' code (github donnotnormal/DCGH); see
-``../shared/golden/README.md`` for the exact definition and the golden tests for parity.
+``tests/data/golden/README.md`` for the exact definition and the golden tests for parity.
 
 Distributed training (many workers) uses the *same* function: pass the codes and labels gathered
 from all workers as ``global_*``. Each term is then a sum over the **local** rows against the

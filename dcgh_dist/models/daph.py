@@ -1,6 +1,6 @@
 """DAPH stage-1 networks: label-conditioned proxy encoders and the class net (no Ray).
 
-The reference (``../shared/golden/DAPH.md`` §1.1) puts AlexNet (images) or a bag-of-words MLP
+The reference (``tests/data/golden/DAPH.md`` §1.1) puts AlexNet (images) or a bag-of-words MLP
 (texts) under the label-conditioned heads; here the backbone is any of the project's towers
 (CLIP or feature MLPs, built by ``build_model``), so DAPH trains on every dataset DCGH does.
 Stage 2 needs no new model: its label-free hashing nets are the project's ``CrossModalHasher``

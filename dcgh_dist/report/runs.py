@@ -5,6 +5,12 @@ presence marks a finished run), ``config.yaml``, ``checkpoint/``. One run holds 
 length: its metrics.json at ``model.bits``, or, for a run that trains several lengths, each
 ``"by_bits": {"16": {...}, "32": {...}}`` value (a full metrics dict of that length).
 
+Runs are grouped by what they trained, not by how they were launched: runs whose configs are equal
+except for ``train.seed`` (and the keys of :data:`NOT_THE_EXPERIMENT`) are seeds of one experiment;
+runs of one method that differ in anything else are separate experiments, each labelled by the
+keys in which they differ (``dcgh (loss.variance_weight=0.0)``). Two runs of one experiment with
+the same seed are refused: averaging them would count one result twice.
+
 Runs are only comparable when they were evaluated on the same rows: :func:`check_comparable`
 refuses any two that differ in dataset URI, dataset.json name or number of classes, query or
 database size, or in a fingerprint of dataset.json and the split counts, and names both runs and
@@ -74,6 +80,9 @@ class Run:
     # metrics.json's "variant" (jobs/ablate.py writes it): the run's row is labelled by it, apart
     # from the method's other runs; None: the row is the method's
     variant: str | None = None
+    # the keys in which this run's experiment differs from the method's others, e.g.
+    # "loss.variance_weight=0.0" (label_experiments sets it); None: the method has one experiment
+    differs: str | None = None
 
     @property
     def name(self) -> str:
@@ -81,8 +90,16 @@ class Run:
 
     @property
     def label(self) -> str:
-        """What the table's method column shows for this run: its variant, else its method."""
-        return self.variant or self.method
+        """What the table's method column shows for this run: its variant, else its method and
+        the keys its experiment differs in."""
+        if self.variant:
+            return self.variant
+        return f"{self.method} ({self.differs})" if self.differs else self.method
+
+    @property
+    def experiment(self) -> dict[str, Any]:
+        """The resolved config as dotted keys, less what does not change what a run learns."""
+        return {k: v for k, v in _flatten(self.config).items() if k not in NOT_THE_EXPERIMENT}
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,60 @@ class DatasetIdentity:
     num_database: int | None
     fingerprint: str | None = None  # sha256 of dataset.json + split counts (None: not read)
     split_counts: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+
+# Config keys that say where a run ran or wrote, or how often it logged, not what it trained; and
+# the ones a report compares on its own (the seed; model.bits is the table's bits column; the
+# dataset is checked by check_comparable, by content). Sections a training run does not use
+# (encode, index, prepare) are left out whole.
+NOT_THE_EXPERIMENT = frozenset({
+    "train.seed", "model.bits", "data.dataset", "data.data_root", "data.s3_endpoint", "data.cache_bytes",
+    "train.ray_address", "train.ray_num_cpus", "train.output_dir", "train.storage_path", "train.run_name",
+    "train.log_every", "train.report_interval_s", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.max_failures", "eval.batch_size",
+})
+_NOT_TRAINING_SECTIONS = ("encode", "index", "prepare", "ray")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not prefix and key in _NOT_TRAINING_SECTIONS:
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value)
+
+
+def label_experiments(runs: Sequence[Run]) -> None:
+    """Set each run's ``differs`` from the keys in which its experiment differs from the other
+    experiments of its method; refuse two runs of one experiment with the same seed."""
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    for method_runs in by_method.values():
+        experiments = [r.experiment for r in method_runs]
+        keys = sorted({k for e in experiments for k in e})
+        differing = [k for k in keys if len({_value_text(e.get(k, "<unset>")) for e in experiments}) > 1]
+        seen: dict[tuple, Run] = {}
+        for run, exp in zip(method_runs, experiments):
+            run.differs = ", ".join(f"{k}={_value_text(exp.get(k))}" for k in differing) or None
+            key = (run.variant, run.differs, tuple(sorted(run.entries)), run.seed)
+            if key in seen:
+                raise RunError(
+                    f"runs {seen[key].name} and {run.name} have the same config and the same seed "
+                    f"({run.seed}): the report averages over seeds, and these would count one result twice; "
+                    "give one of them, or train the other with another train.seed"
+                )
+            seen[key] = run
 
 
 def _load_json(fs, path: str, where: str) -> Any:
@@ -223,6 +294,7 @@ def load_runs(paths: Sequence[str], s3_endpoint: str | None = None) -> list[Run]
             raise RunError(f"{p}: given twice (also as {seen[run.uri]})")
         seen[run.uri] = p
         runs.append(run)
+    label_experiments(runs)
     return runs
 
 

@@ -1,7 +1,7 @@
 """The report's table: rows method x bits (and the baselines), columns from metrics.json.
 
-Every number is metrics.json's own: a row of one run shows its values as they are; runs with the
-same method and bits but different seeds are one row, mean and sample standard deviation
+Every number is metrics.json's own: a row of one run shows its values as they are; runs of one
+experiment (the same config but for the seed, ``runs.label_experiments``) and bits are one row, mean and sample standard deviation
 (``statistics.stdev``, n - 1) over the runs. The untrained model and the linear baseline are
 rows too, one per bit length (the untrained one per method as well: each method has its own
 architecture); their values do not depend on the run beyond its seed, so each seed counts once.
