@@ -47,6 +47,32 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def child_uri(uri: str, *parts: str) -> str:
+    """A URI under ``uri`` in the form the user gave: ``s3://bucket/prefix/part``, or a local path
+    made absolute (a job's outputs must not depend on where a later reader runs)."""
+    if is_remote(uri):
+        return join(uri, *parts)
+    return os.path.join(resolve_filesystem(uri)[1], *parts)
+
+
+def put_tree(local_dir: str, fs: pafs.FileSystem, base: str, *, last: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under ``local_dir`` to ``base`` on ``fs``, each atomically; files named in
+    ``last`` go after all others (a ``meta.json`` that makes a checkpoint loadable only once its
+    weights are there). Returns the paths written."""
+    files = sorted(os.path.relpath(os.path.join(d, f), local_dir) for d, _, names in os.walk(local_dir) for f in names)
+    files.sort(key=lambda rel: os.path.basename(rel) in last)
+    written = []
+    for rel in files:
+        with open(os.path.join(local_dir, rel), "rb") as f:
+            write_bytes_atomic(fs, join(base, rel.replace(os.sep, "/")), f.read())
+        written.append(join(base, rel.replace(os.sep, "/")))
+    return written
+
+
 def display(fs: pafs.FileSystem, path: str) -> str:
     """A filesystem path as the user would write it: ``s3://bucket/key`` or a local path."""
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path

@@ -110,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except FileNotFoundError:
             if stage == "2":
                 raise
+    # A local directory or an s3:// prefix, written through dcgh_dist.storage: each file appears
+    # whole, the checkpoint's meta.json after its weights, metrics.json (a finished run) last.
     out = plan.output_dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+    write_output(cfg, "config.yaml", cfg.to_yaml().encode())
 
     stage1 = None
     with ray_session(cfg.train.ray_address, num_cpus=cfg.train.ray_num_cpus, dashboard=True):
@@ -171,15 +171,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if is_daph:
         result["proxy_codes"] = daph.proxy_codes_path(cfg)
         result["daph_stage1"] = stage1
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
     if cfg.eval.pr_curve:
-        write_pr_plot(curves, {"untrained": base_curves, "linear": lin_curves}, os.path.join(out, "pr_curve.png"),
-                      f"{cfg.train.method.upper()} {cfg.model.bits} bits on {info.name}: Hamming-radius PR")
-    write_loss_plot(outcome.history, os.path.join(out, "loss_curve.png"))
+        write_output(cfg, "pr_curve.png", render_png(lambda path: write_pr_plot(
+            curves, {"untrained": base_curves, "linear": lin_curves}, path,
+            f"{cfg.train.method.upper()} {cfg.model.bits} bits on {info.name}: Hamming-radius PR")))
+    if outcome.history:
+        write_output(cfg, "loss_curve.png", render_png(lambda path: write_loss_plot(outcome.history, path)))
+    write_output(cfg, "metrics.json", json.dumps(result, indent=2).encode())
     print_table(metrics, {"untrained": baseline, "linear": linear})
     print(f"outputs in {out}", flush=True)
     return result
+
+
+def write_output(cfg, name: str, data: bytes) -> None:
+    """One output file of the run, atomically, under train.output_dir (a directory or s3://)."""
+    from dcgh_dist.storage import child_uri, resolve_filesystem, write_bytes_atomic
+
+    write_bytes_atomic(*resolve_filesystem(child_uri(cfg.train.output_dir, name), cfg.data.s3_endpoint), data)
+
+
+def render_png(draw) -> bytes:
+    """The bytes of the PNG ``draw(path)`` writes (matplotlib writes files)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dcgh-plot-") as tmp:
+        path = os.path.join(tmp, "plot.png")
+        draw(path)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def write_loss_plot(history: list[dict], path: str) -> None:

@@ -30,6 +30,7 @@ replica's sockets listen on the node's address only (``_on_node_address``).
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import functools
 import io
 import json
@@ -51,9 +52,24 @@ logger = logging.getLogger("dcgh_dist.serve")
 
 MODALITIES = ("image", "text")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Ray CPUs a replica asks for when the app's args give it no num_cpus. Ray Serve's own default is
+# one CPU a replica, under which the demo's four deployments asked for four CPUs and never started
+# on a 2-core machine. These follow the cores each replica used under load on the demo (4 clients,
+# 71 queries/s on 2 cores: frontend with the towers 0.77, item lookup 0.25, each index group 0.11;
+# docs/SERVE.md, "Sizing"); an index group is given more than the demo's scans take because a
+# 10M-code shard's scan takes about as long as the towers. They add up to 2 CPUs for the demo.
+DEFAULT_CPUS = {
+    "frontend+encoder": 1.0,  # the towers run in the frontend (encoder.placement: ingress)
+    "frontend": 0.25,  # parsing, fan-out and merge only (encoder.placement: deployment)
+    "encoder": 1.0,  # a QueryEncoder deployment
+    "index": 0.4,  # one shard group (num_cpus >= 2: that many search threads)
+    "metadata": 0.2,  # captions and thumbnails, a few Parquet row reads per query
+}
 # An index replaced by an upgrade is closed this long after the swap: queries that had already
 # picked it up finish on it first.
 RETIRE_AFTER_S = 30.0
+# How long /healthz waits for each deployment's answer before calling it not ready.
+HEALTH_PROBE_S = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +86,8 @@ class DeploymentOptions(BaseModel):
     num_cpus: float | None = None
     num_gpus: float | None = None
 
-    def options(self) -> dict[str, Any]:
+    def options(self, default_cpus: float) -> dict[str, Any]:
+        """Serve's ``.options()`` of this deployment; ``default_cpus`` where num_cpus is unset."""
         out: dict[str, Any] = {}
         if self.autoscaling_config is not None:
             out["autoscaling_config"] = self.autoscaling_config
@@ -78,9 +95,10 @@ class DeploymentOptions(BaseModel):
             out["num_replicas"] = self.num_replicas
         if self.max_ongoing_requests is not None:
             out["max_ongoing_requests"] = self.max_ongoing_requests
-        actor = {k: v for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)) if v is not None}
-        if actor:
-            out["ray_actor_options"] = actor
+        actor = {"num_cpus": default_cpus if self.num_cpus is None else self.num_cpus}
+        if self.num_gpus is not None:
+            actor["num_gpus"] = self.num_gpus
+        out["ray_actor_options"] = actor
         return out
 
 
@@ -129,6 +147,10 @@ class AppArgs(BaseModel):
     index: DeploymentOptions = Field(default_factory=DeploymentOptions)
     metadata: DeploymentOptions = Field(default_factory=DeploymentOptions)
     frontend: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    # "cluster": refuse, before any replica starts, an app whose replicas the cluster's nodes
+    # cannot hold (Serve would wait for them forever, /healthz unanswered). "none": leave it to
+    # Ray, for a cluster whose autoscaler adds nodes on demand (KubeRay: cluster/k8s/).
+    placement_check: Literal["cluster", "none"] = "cluster"
 
     @model_validator(mode="before")
     @classmethod
@@ -225,6 +247,9 @@ class BatchedEncoder:
 @_on_node_address
 class QueryEncoder(BatchedEncoder):
     """The batched towers as a deployment of their own (``encoder.placement: deployment``)."""
+
+    def ready(self) -> bool:
+        return True
 
 
 @serve.deployment
@@ -379,14 +404,30 @@ class Frontend:
 
         # encoder: a QueryEncoder handle, or BatchedEncoder's arguments to build it in this replica
         if isinstance(encoder, dict):
-            local = BatchedEncoder(**encoder)
-            self._encode = {"text": local.encode_text, "image": local.encode_image}
+            # The towers load in a thread (torch and the checkpoint: seconds), so the replica is
+            # up, and /healthz answers 503, meanwhile; a query waits for them (_codes).
+            self._towers = concurrent.futures.ThreadPoolExecutor(1).submit(BatchedEncoder, **encoder)
+            self._encode = {"text": lambda texts: self._local("encode_text", texts),
+                            "image": lambda images: self._local("encode_image", images)}
+            self._encoder_handle = None
         else:
-            encoder = via(encoder)
+            self._towers = None
+            encoder = self._encoder_handle = via(encoder)
             self._encode = {"text": encoder.encode_text.remote, "image": encoder.encode_image.remote}
         self.groups = {m: [via(h) for h in handles] for m, handles in groups.items()}
         self.items = via(items) if items is not None else None
         self.s = settings
+        self._ready = False
+
+    async def _local(self, method: str, payload):
+        encoder = await asyncio.wrap_future(self._towers)
+        return await getattr(encoder, method)(payload)
+
+    def check_health(self) -> None:
+        # Serve calls this periodically: towers that failed to load fail the replica, which
+        # Serve then replaces, instead of a replica that answers 503 forever.
+        if self._towers is not None and self._towers.done():
+            self._towers.result()
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -524,8 +565,34 @@ class Frontend:
         return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self) -> Any:
+        # 503 until every deployment a query needs has answered once, each asked with a short
+        # timeout: a probe gets its answer within about a second, never a held connection.
+        if not self._ready:
+            waiting = await self._not_ready()
+            if waiting:
+                return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
+            self._ready = True
         return {"status": "ok"}
+
+    async def _not_ready(self) -> list[str]:
+        towers = [] if self._towers is None or self._towers.done() else ["encoder (loading the towers)"]
+        probes = {f"IndexShards-{m}-{g}": h.info.remote() for m, hs in self.groups.items() for g, h in enumerate(hs)}
+        if self.items is not None:
+            probes["ItemLookup"] = self.items.captions.remote([])
+        if self._encoder_handle is not None:
+            probes["QueryEncoder"] = self._encoder_handle.ready.remote()
+
+        async def answers(response) -> bool:
+            try:
+                await asyncio.wait_for(response, HEALTH_PROBE_S)
+                return True
+            except Exception:  # not started yet, or failed: either way not ready
+                response.cancel()
+                return False
+
+        done = await asyncio.gather(*(answers(r) for r in probes.values()))
+        return towers + [name for name, ok in zip(probes, done) if not ok]
 
     @api.get("/info")
     async def info(self) -> dict:
@@ -562,7 +629,10 @@ def build_app(args: AppArgs) -> Application:
     meta = verified_meta(args.checkpoint, args.s3_endpoint)
     if not args.indexes:
         raise ValueError("indexes: give at least one of image, text (manifest URIs)")
-    groups = {}
+    enc = args.encoder
+    ingress = enc.placement == "ingress"
+    sizes: dict[str, dict[str, Any]] = {}  # deployment name -> its .options()
+    group_counts = {}
     for modality, uri in args.indexes.items():
         manifest = read_manifest(uri, args.s3_endpoint)
         if manifest.model_fingerprint != meta.fingerprint:
@@ -573,27 +643,92 @@ def build_app(args: AppArgs) -> Application:
         if manifest.bits != meta.config.model.bits:
             raise ValueError(f"indexes.{modality}: {manifest.bits}-bit codes, the checkpoint makes "
                              f"{meta.config.model.bits}")
-        n = max(1, math.ceil(len(manifest.shards) / args.shards_per_replica))
-        groups[modality] = [
-            IndexShards.options(name=f"IndexShards-{modality}-{g}", **args.index.options(),
-                                user_config={"manifest": uri})
-            .bind(modality, g, n, args.s3_endpoint, meta.fingerprint, meta.config.model.bits)
-            for g in range(n)
-        ]
-    items = None
+        group_counts[modality] = n = max(1, math.ceil(len(manifest.shards) / args.shards_per_replica))
+        for g in range(n):
+            sizes[f"IndexShards-{modality}-{g}"] = args.index.options(DEFAULT_CPUS["index"])
+    dataset = None
     if args.dataset is not None:
         from dataclasses import replace
 
         from dcgh_dist.data.presets import resolve_dataset
 
         dataset = resolve_dataset(replace(meta.config.data, dataset=args.dataset, s3_endpoint=args.s3_endpoint))
-        items = ItemLookup.options(**args.metadata.options()).bind(dataset, args.s3_endpoint)
-    enc = args.encoder
+        sizes["ItemLookup"] = args.metadata.options(DEFAULT_CPUS["metadata"])
+    if not ingress:
+        sizes["QueryEncoder"] = enc.options(DEFAULT_CPUS["encoder"])
+    sizes["Frontend"] = args.frontend.options(DEFAULT_CPUS["frontend+encoder" if ingress else "frontend"])
+    if args.placement_check == "cluster":
+        check_placement(sizes)
+
+    groups = {
+        modality: [IndexShards.options(name=f"IndexShards-{modality}-{g}", **sizes[f"IndexShards-{modality}-{g}"],
+                                       user_config={"manifest": args.indexes[modality]})
+                   .bind(modality, g, n, args.s3_endpoint, meta.fingerprint, meta.config.model.bits)
+                   for g in range(n)]
+        for modality, n in group_counts.items()
+    }
+    items = ItemLookup.options(**sizes["ItemLookup"]).bind(dataset, args.s3_endpoint) if dataset else None
     encoder = {"checkpoint": args.checkpoint, "s3_endpoint": args.s3_endpoint, "max_batch_size": enc.max_batch_size,
                "batch_wait_timeout_s": enc.batch_wait_timeout_s}
-    if enc.placement == "deployment":
-        encoder = QueryEncoder.options(**enc.options()).bind(**encoder)
+    if not ingress:
+        encoder = QueryEncoder.options(**sizes["QueryEncoder"]).bind(**encoder)
     settings = {"max_k": args.max_k, "max_text_chars": args.max_text_chars, "max_image_bytes": args.max_image_bytes,
                 "max_image_pixels": args.max_image_pixels, "fingerprint": meta.fingerprint,
                 "bits": meta.config.model.bits, "transport": args.transport}
-    return Frontend.options(**args.frontend.options()).bind(encoder, groups, items, settings)
+    return Frontend.options(**sizes["Frontend"]).bind(encoder, groups, items, settings)
+
+
+def _replicas_at_start(options: dict[str, Any]) -> int:
+    auto = options.get("autoscaling_config")
+    if auto is not None:
+        return int(auto.get("initial_replicas") or auto.get("min_replicas", 1))
+    n = options["num_replicas"]
+    return 1 if n == "auto" else int(n)  # "auto" alone: Serve's autoscaling from one replica
+
+
+def check_placement(sizes: dict[str, dict[str, Any]], nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse an application whose replicas, as they start, cannot all be placed on the cluster's
+    nodes (``nodes``: each alive node's resources; the connected cluster's when None).
+
+    Serve would otherwise wait for them forever, logging every 30 s. Placement is checked the
+    way Ray places actors, replica by replica on the node with the most room left (largest first),
+    so it is exact for this app alone on the cluster; what other jobs hold is not counted.
+    """
+    if nodes is None:
+        import ray
+
+        if not ray.is_initialized():  # `serve run module:app` builds the app before it starts Ray
+            logger.info("placement not checked: not connected to Ray yet")
+            return
+        nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    def need_of(options: dict[str, Any]) -> dict[str, float]:
+        actor = options.get("ray_actor_options", {})
+        return {"CPU": float(actor.get("num_cpus") or 0), "GPU": float(actor.get("num_gpus") or 0)}
+
+    replicas = [(name, need_of(o)) for name, o in sizes.items() for _ in range(_replicas_at_start(o))]
+    free = [{r: float(n.get(r, 0.0)) for r in ("CPU", "GPU")} for n in nodes]
+    unplaced = []
+    for name, need in sorted(replicas, key=lambda r: (-r[1]["GPU"], -r[1]["CPU"])):
+        fits = [n for n in free if all(n[r] + 1e-9 >= need[r] for r in need)]
+        if not fits:
+            unplaced.append(name)
+            continue
+        node = max(fits, key=lambda n: (n["CPU"], n["GPU"]))
+        for r in need:
+            node[r] -= need[r]
+    if not unplaced:
+        return
+
+    def amount(need: dict[str, float]) -> str:
+        return " + ".join(f"{v:g} {r}" for r, v in need.items() if v) or "0 CPU"
+
+    asked = ", ".join(f"{name} {_replicas_at_start(o)} x {amount(need_of(o))}" for name, o in sizes.items())
+    total = {r: sum(float(n.get(r, 0.0)) for n in nodes) for r in ("CPU", "GPU")}
+    raise ValueError(
+        f"the cluster cannot place this application: its deployments ask for {asked}, in all "
+        f"{amount({r: sum(v[r] for _, v in replicas) for r in ('CPU', 'GPU')})}; the cluster has "
+        f"{amount(total)} on {len(nodes)} node(s), and {', '.join(sorted(set(unplaced)))} would wait for room "
+        "forever. Give the deployments fewer CPUs (args frontend/index/metadata/encoder: num_cpus), "
+        "fewer index groups (shards_per_replica), or more nodes; or placement_check: none where an "
+        "autoscaler adds nodes on demand"
+    )

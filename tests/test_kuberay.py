@@ -377,11 +377,6 @@ def parse_entrypoint(argv: list[str]) -> tuple[str, Any]:
     if not (REPO / script).is_file():
         raise ValueError(f"{script} is not in the repository (the image has the repository at {APP_DIR})")
     args = argv[2:]
-    if script == "cluster/k8s/train_and_publish.py":
-        wrapper = _job_module(script)
-        _, train_argv = wrapper.parse_args(args)
-        train = wrapper.train_job()
-        return script, train.build_config(train.parse_args(train_argv))
     job = _job_module(script)
     parsed = job.parse_args(args)
     from dcgh_dist.cli import config_from_args
@@ -406,7 +401,7 @@ def test_every_rayjob_entrypoint_parses(rendered, kustomization):
         script, cfg = parse_entrypoint(argv)
         scripts[name] = script
         # outputs on S3 (the cluster, with its disks, goes when the job ends)
-        outs = [argv[i + 1] for i, a in enumerate(argv) if a in ("--output", "--publish")]
+        outs = [argv[i + 1] for i, a in enumerate(argv) if a in ("--output", "--output-dir")]
         assert outs and all(o.startswith(f"s3://{env['DCGH_BUCKET']}/") for o in outs), (name, outs)
         if name == "dcgh-train":
             t = cfg.train
@@ -414,7 +409,7 @@ def test_every_rayjob_entrypoint_parses(rendered, kustomization):
             assert cfg.data.s3_endpoint == env["DCGH_S3_ENDPOINT"]
             if kustomization != "overlays/dev":
                 assert cfg.data.dataset == "coco" and t.use_gpu and t.num_workers >= 4 and t.engine == "deepspeed"
-    assert scripts == {"dcgh-train": "cluster/k8s/train_and_publish.py", "dcgh-encode": "jobs/encode.py",
+    assert scripts == {"dcgh-train": "jobs/train.py", "dcgh-encode": "jobs/encode.py",
                        "dcgh-build-index-image": "jobs/build_index.py", "dcgh-build-index-text": "jobs/build_index.py"}
 
 
@@ -451,42 +446,6 @@ def test_rayjobs_clean_up_retry_and_time_out(rendered, kustomization):
         # the submitter expands ${DCGH_*}: it must read the ConfigMap
         [sub] = s["submitterPodTemplate"]["spec"]["containers"]
         assert {"configMapRef": {"name": CONFIGMAP}} in sub["envFrom"], name
-
-
-def test_train_and_publish_copies_the_run_to_s3_meta_last(tmp_path, s3_server, monkeypatch):
-    """What the train RayJob leaves behind on S3: every output file, each meta.json written after
-    the weights; the same model again is fine, another model over it is refused."""
-    from dcgh_dist import storage
-    from dcgh_dist.config import Config, ModelConfig, TrainConfig
-    from dcgh_dist.data.format import DatasetInfo
-    from dcgh_dist.models.checkpoint import save_untrained, verified_meta
-
-    wrapper = _job_module("cluster/k8s/train_and_publish.py")
-    endpoint, make_bucket = s3_server
-    bucket = make_bucket("dcgh-publish")
-    info = DatasetInfo(name="t", num_classes=3, class_names=("a", "b", "c"))
-    run = tmp_path / "run"
-    save_untrained(str(run / "checkpoint"), Config(model=ModelConfig(clip_preset="tiny", bits=16)), info)
-    (run / "metrics.json").write_text("{}")
-    writes = []
-    real = storage.write_bytes_atomic
-    monkeypatch.setattr(storage, "write_bytes_atomic", lambda fs, path, data: (writes.append(path), real(fs, path, data)))
-    dest = f"{bucket}/runs/r1"
-    written = wrapper.publish(str(run), dest, endpoint)
-    assert sorted(written) == sorted(f"{dest}/{p}" for p in ("checkpoint/meta.json", "checkpoint/model.pt",
-                                                             "checkpoint/proxies.pt", "metrics.json"))
-    assert writes[-1].endswith("checkpoint/meta.json")
-    assert verified_meta(f"{dest}/checkpoint", endpoint).fingerprint == verified_meta(str(run / "checkpoint")).fingerprint
-    wrapper.publish(str(run), dest, endpoint)  # a retried job, same model: fine
-    other = tmp_path / "other"
-    save_untrained(str(other / "checkpoint"),
-                   Config(model=ModelConfig(clip_preset="tiny", bits=16), train=TrainConfig(seed=1)), info)
-    with pytest.raises(ValueError, match="never overwritten"):
-        wrapper.publish(str(other), dest, endpoint)
-    with pytest.raises(SystemExit):
-        wrapper.parse_args(["--publish", dest, "--dataset", "demo"])  # no "--"
-    with pytest.raises(SystemExit):
-        wrapper.parse_args(["--publish", "/tmp/runs", "--", "--dataset", "demo"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,72 @@ def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small
     assert (storage / "train" / "mydata" / "results.csv").exists()
 
 
+def test_export_to_s3_writes_meta_last(tmp_path, s3_server, monkeypatch):
+    """A checkpoint exported to an s3:// output directory: every exported file, meta.json (which
+    makes it loadable) written after the weights, no optimizer state."""
+    from dcgh_dist import storage
+    from dcgh_dist.config import ModelConfig, TrainConfig
+    from dcgh_dist.data.format import DatasetInfo
+    from dcgh_dist.models.checkpoint import save_untrained, verified_meta
+
+    endpoint, make_bucket = s3_server
+    dest = f"{make_bucket('dcgh-export')}/runs/r1/checkpoint"
+    info = DatasetInfo(name="t", num_classes=3, class_names=("a", "b", "c"))
+    src = save_untrained(str(tmp_path / "src"), Config(model=ModelConfig(clip_preset="tiny", bits=16)), info)
+    (Path(src) / "train_state.pt").write_bytes(b"optimizer")
+    writes = []
+    real = storage.write_bytes_atomic
+    monkeypatch.setattr(storage, "write_bytes_atomic", lambda fs, path, data: (writes.append(path), real(fs, path, data)))
+    export_checkpoint(src, dest, endpoint)
+    assert sorted(w.rsplit("/", 1)[1] for w in writes) == ["meta.json", "model.pt", "proxies.pt"]
+    assert writes[-1].endswith("checkpoint/meta.json")
+    assert verified_meta(dest, endpoint).fingerprint == verified_meta(src).fingerprint
+    # a resumed run's new export replaces the old one whole
+    other = save_untrained(str(tmp_path / "other"), Config(model=ModelConfig(clip_preset="tiny", bits=16),
+                                                           train=TrainConfig(seed=1)), info)
+    export_checkpoint(other, dest, endpoint)
+    assert verified_meta(dest, endpoint).fingerprint == verified_meta(other).fingerprint
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_train_writes_every_output_to_s3_and_resumes_from_there(tmp_path, demo_small, ray_cluster, s3_server):
+    """`jobs/train.py --output-dir s3://...`, as the RayJob runs it: checkpoint, metrics, plots,
+    config and run.json land under the prefix (metrics.json last: it marks a finished run), the
+    Ray Train checkpoints under <prefix>/ray_results, and --resume finds the run from there."""
+    import pyarrow.fs as pafs
+    import train as train_job
+    import yaml
+
+    from dcgh_dist import storage
+    from dcgh_dist.models.checkpoint import verified_meta
+
+    endpoint, make_bucket = s3_server
+    out = f"{make_bucket('dcgh-train-out')}/runs/r1"
+    common = ["--dataset", demo_small, "--epochs", "1", "--bits", "16", "--batch-size", "64", "--skip-baseline",
+              "model.clip_preset=tiny", f"data.s3_endpoint={endpoint}", "--output-dir", out]
+    result = train_job.main(common)
+    fs, base = storage.resolve_filesystem(out, endpoint)
+    names = {i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+             if i.type == pafs.FileType.File and "/ray_results/" not in f"/{i.path[len(base) + 1:]}"}
+    assert {"config.yaml", "metrics.json", "run.json", "pr_curve.png", "loss_curve.png", "checkpoint/meta.json",
+            "checkpoint/model.pt"} <= names, names
+    assert json.loads(storage.read_text(fs, f"{base}/metrics.json"))["map_i2t"] == result["map_i2t"]
+    assert yaml.safe_load(storage.read_text(fs, f"{base}/config.yaml"))["train"]["output_dir"] == out
+    assert storage.read_bytes(fs, f"{base}/pr_curve.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert verified_meta(f"{out}/checkpoint", endpoint).config.model.bits == 16
+    run_dir = run_directory(out, endpoint)
+    assert run_dir.startswith(f"{out}/ray_results/")
+    # another run over a published model is refused before Ray starts, and changes nothing
+    with pytest.raises(ValueError, match="never replaced by another run"):
+        train_job.main([*common, "train.seed=1"])
+    assert run_directory(out, endpoint) == run_dir
+    # --resume reads run.json from the prefix and continues that run (one more epoch)
+    resumed = train_job.main([*common, "--resume", "--epochs", "2"])
+    assert run_directory(out, endpoint) == run_dir and resumed["epochs_run"] == 2
+    assert verified_meta(f"{out}/checkpoint", endpoint).epoch == resumed["selected_epoch"]
+
+
 def _tiny_dataset(root: Path, splits: list[str]) -> str:
     import io
 

@@ -76,6 +76,18 @@ def deploy(args: dict, deployments: list | None = None, timeout: float = 300) ->
     raise TimeoutError("the application did not reach RUNNING")
 
 
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    """/healthz is 503 until the towers have loaded and every deployment answered a probe."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = requests.get(f"{url}/healthz", timeout=10)
+        if r.status_code == 200:
+            return
+        assert r.status_code == 503 and r.json()["status"] == "starting", (r.status_code, r.text)
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_small, ray_cluster):
     """Demo checkpoint (untrained tiny CLIP), codes, two sharded indexes, and the app on 127.0.0.1."""
@@ -106,6 +118,7 @@ def served(tmp_path_factory, demo_small, ray_cluster):
                    encoder={"max_batch_size": 8}, index=zero, metadata=zero, frontend=zero)
     deploy(args.model_dump(exclude_none=True))
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
     try:
         yield {"url": url, "args": args, "root": root, "ckpt": ckpt, "indexes": indexes, "dataset": demo_small}
     finally:
@@ -204,6 +217,42 @@ def test_command_line_arguments_arrive_as_strings():
         AppArgs.model_validate({"checkpoint": "c", "indexes": "{text: x}"})
     with pytest.raises(ValidationError, match="image"):
         AppArgs.model_validate({"checkpoint": "c", "indexes": '{"picture": "x"}'})
+
+
+def test_an_app_the_cluster_cannot_place_is_refused_naming_what_it_asks():
+    """Serve's own default (one CPU a replica) for the demo's four deployments on a 2-CPU machine
+    is refused with the deployments, their asks and the cluster's total; the app's defaults fit;
+    replicas are placed node by node, autoscaling apps at their starting size, GPUs counted."""
+    from serve.app import DEFAULT_CPUS, AppArgs, check_placement
+
+    one_cpu = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+    serve_defaults = {n: one_cpu for n in ("IndexShards-image-0", "IndexShards-text-0", "ItemLookup", "Frontend")}
+    laptop = [{"CPU": 2.0, "memory": 8e9}]
+    with pytest.raises(ValueError) as refused:
+        check_placement(serve_defaults, laptop)
+    msg = str(refused.value)
+    for part in ("IndexShards-image-0 1 x 1 CPU", "IndexShards-text-0 1 x 1 CPU", "ItemLookup 1 x 1 CPU",
+                 "Frontend 1 x 1 CPU", "in all 4 CPU", "the cluster has 2 CPU on 1 node(s)", "placement_check: none"):
+        assert part in msg, msg
+    args = AppArgs(checkpoint="c")  # every deployment at the app's defaults
+    demo = {"IndexShards-image-0": args.index.options(DEFAULT_CPUS["index"]),
+            "IndexShards-text-0": args.index.options(DEFAULT_CPUS["index"]),
+            "ItemLookup": args.metadata.options(DEFAULT_CPUS["metadata"]),
+            "Frontend": args.frontend.options(DEFAULT_CPUS["frontend+encoder"])}
+    check_placement(demo, laptop)
+    # 2 CPUs in total, but no node holds a 2-CPU replica
+    with pytest.raises(ValueError, match="Frontend would wait"):
+        check_placement({"Frontend": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 2}}},
+                        [{"CPU": 1.0}, {"CPU": 1.0}])
+    auto = {"Frontend": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 8},
+                         "ray_actor_options": {"num_cpus": 1}}}
+    check_placement(auto, [{"CPU": 3.0}])
+    with pytest.raises(ValueError, match="Frontend 3 x 1 CPU"):
+        check_placement(auto, [{"CPU": 2.0}])
+    gpu = {"QueryEncoder": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}}
+    with pytest.raises(ValueError, match="QueryEncoder 1 x 1 CPU \\+ 1 GPU"):
+        check_placement(gpu, [{"CPU": 16.0}])
+    check_placement(gpu, [{"CPU": 16.0}, {"CPU": 4.0, "GPU": 1.0}])
 
 
 def test_targets_are_where_the_servers_listen():

@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -38,16 +37,20 @@ STAGE1_DIR = "stage1"
 
 
 def proxy_codes_path(cfg: Config) -> str:
-    return cfg.daph.proxy_codes or os.path.join(os.path.abspath(cfg.train.output_dir), PROXY_CODES_FILE)
+    from dcgh_dist.storage import child_uri
+
+    return cfg.daph.proxy_codes or child_uri(cfg.train.output_dir, PROXY_CODES_FILE)
 
 
 def stage1_config(cfg: Config) -> Config:
     """The stage-1 run: its own output directory and run name, a fixed epoch count, no val
     selection (its nets need labels, so val mAP would measure nothing)."""
+    from dcgh_dist.storage import child_uri
+
     t = cfg.train
     return dataclasses.replace(cfg, train=dataclasses.replace(
         t, epochs=cfg.daph.proxy_epochs, select_on_val=False, patience=0,
-        output_dir=os.path.join(os.path.abspath(t.output_dir), STAGE1_DIR),
+        output_dir=child_uri(t.output_dir, STAGE1_DIR),
         run_name=f"{t.run_name}-stage1" if t.run_name else None,
     ), daph=dataclasses.replace(cfg.daph, stage="1"))
 
@@ -244,8 +247,10 @@ def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, flo
         stats["by_bits"] = {str(k): dict(stats) if k == lengths[0] else
                             proxy_code_stats(length_codes(codes, k, lengths[0]), seed=cfg.train.seed)
                             for k in lengths}
-    with open(os.path.join(plan.output_dir, "proxy_code_stats.json"), "w") as f:
-        json.dump(stats, f, indent=2)
+    from dcgh_dist.storage import child_uri, resolve_filesystem, write_text_atomic
+
+    write_text_atomic(*resolve_filesystem(child_uri(plan.output_dir, "proxy_code_stats.json"), cfg.data.s3_endpoint),
+                      json.dumps(stats, indent=2))
     logger.info("DAPH stage 1: proxy codes of %d rows in %s; proxy-code mAP on train i2t %.3f t2i %.3f, "
                 "bit balance %.3f / %.3f", len(codes["id"]), path, stats["proxy_map_i2t"], stats["proxy_map_t2i"],
                 stats["image_bit_balance_mean"], stats["text_bit_balance_mean"])

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DATABASE_SPLITS, DatasetScan, scan_dataset
 from dcgh_dist.data.presets import resolve_dataset
+from dcgh_dist.storage import (child_uri, display, exists, is_remote, put_tree, read_text,
+                               resolve_filesystem, write_text_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +90,12 @@ def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
             f"{scan.split_counts}); see docs/DATASET_FORMAT.md"
         )
     has_val = scan.split_counts["val"] > 1 and cfg.train.select_on_val
-    output_dir = os.path.abspath(cfg.train.output_dir)
-    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
+    # A local directory or an s3:// prefix: every output goes through dcgh_dist.storage.
+    output_dir = child_uri(cfg.train.output_dir)
+    storage = cfg.train.storage_path or child_uri(output_dir, "ray_results")
     name = choose_run_name(cfg, output_dir, storage, resume=resume, dataset=uri)
+    if is_remote(output_dir):
+        check_remote_output(output_dir, name, resume, cfg.data.s3_endpoint)
     plan = RunPlan(cfg, uri, scan, spe, has_val, output_dir, storage, name)
     plan.cache_train, plan.cache_reason = cache_decision(cfg, scan.info, n_train + scan.split_counts["val"])
     if resume:
@@ -202,7 +208,6 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
             datasets["val"] = read_split(uri, info, cfg, ["val"], files=scan.files)
 
     output_dir = plan.output_dir
-    os.makedirs(output_dir, exist_ok=True)
     run_config = ray.train.RunConfig(
         name=plan.run_name,
         # with an explicit filesystem Ray wants the bare "bucket/prefix" path, not the URI
@@ -216,7 +221,7 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     resume_ckpt = plan.resume_ckpt
-    write_run_record(output_dir, plan.run_name, storage)
+    write_run_record(output_dir, plan.run_name, storage, cfg.data.s3_endpoint)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -255,14 +260,14 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         raise RuntimeError(f"training failed: {result.error}") from result.error
 
     chosen = _select_checkpoint(result, has_val)
-    dest = os.path.join(output_dir, "checkpoint")
+    dest = child_uri(output_dir, "checkpoint")
     with chosen.as_directory() as d:
         # The exported checkpoint is what evaluation, encoding and serving need: weights,
         # proxies, meta. Optimizer and DeepSpeed state stay in the run directory.
-        export_checkpoint(d, dest)
+        export_checkpoint(d, dest, cfg.data.s3_endpoint)
     from dcgh_dist.models.checkpoint import read_meta
 
-    meta = read_meta(dest)
+    meta = read_meta(dest, cfg.data.s3_endpoint)
     history = meta.history
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
@@ -309,7 +314,7 @@ def choose_run_name(cfg: Config, output_dir: str, storage: str, *, resume: bool,
     if cfg.train.run_name:
         return cfg.train.run_name
     if resume:
-        record = read_run_record(output_dir)
+        record = read_run_record(output_dir, cfg.data.s3_endpoint)
         if record and record.get("storage_path") == storage:
             return record["run_name"]
         if record:
@@ -319,41 +324,75 @@ def choose_run_name(cfg: Config, output_dir: str, storage: str, *, resume: bool,
     return f"{base[:48] or 'run'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def read_run_record(output_dir: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(output_dir, RUN_RECORD)) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+def check_remote_output(output_dir: str, run_name: str, resume: bool, s3_endpoint: str | None = None) -> None:
+    """An s3:// output directory that holds a finished export takes only the run that made it,
+    resumed: what is published there may be being served (docs/DEPLOY.md), so another run's
+    model never replaces it. (A local output directory is the user's own: a new run replaces
+    its export.)"""
+    fs, path = resolve_filesystem(child_uri(output_dir, "checkpoint", "meta.json"), s3_endpoint)
+    if not exists(fs, path):
+        return
+    record = read_run_record(output_dir, s3_endpoint) or {}
+    if resume and record.get("run_name") == run_name:
+        return
+    raise ValueError(
+        f"{output_dir} already holds the checkpoint of run {record.get('run_name', '(unrecorded)')}: on S3 a "
+        "published model is never replaced by another run's; give this run a new --output-dir, or continue "
+        "that run with --resume"
+    )
+
+
+def read_run_record(output_dir: str, s3_endpoint: str | None = None) -> dict[str, Any] | None:
+    fs, path = resolve_filesystem(child_uri(output_dir, RUN_RECORD), s3_endpoint)
+    where = display(fs, path)
+    if not exists(fs, path):
         return None
+    try:
+        record = json.loads(read_text(fs, path))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{output_dir}/{RUN_RECORD}: unreadable ({e}); remove it to start afresh") from e
+        raise ValueError(f"{where}: unreadable ({e}); remove it to start afresh") from e
     if not isinstance(record, dict) or not isinstance(record.get("run_name"), str):
-        raise ValueError(f"{output_dir}/{RUN_RECORD}: not a run record (no run_name)")
+        raise ValueError(f"{where}: not a run record (no run_name)")
     return record
 
 
-def write_run_record(output_dir: str, run_name: str, storage: str) -> None:
-    import pyarrow.fs as pafs
-
-    from dcgh_dist.storage import write_text_atomic
-
+def write_run_record(output_dir: str, run_name: str, storage: str, s3_endpoint: str | None = None) -> None:
     record = {"run_name": run_name, "storage_path": storage, "run_dir": f"{storage.rstrip('/')}/{run_name}",
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_text_atomic(pafs.LocalFileSystem(), os.path.join(output_dir, RUN_RECORD), json.dumps(record, indent=2))
+    fs, path = resolve_filesystem(child_uri(output_dir, RUN_RECORD), s3_endpoint)
+    write_text_atomic(fs, path, json.dumps(record, indent=2))
 
 
-def run_directory(output_dir: str) -> str | None:
+def run_directory(output_dir: str, s3_endpoint: str | None = None) -> str | None:
     """Where the run whose outputs are in ``output_dir`` keeps its Ray Train checkpoints."""
-    record = read_run_record(output_dir)
+    record = read_run_record(output_dir, s3_endpoint)
     return record["run_dir"] if record else None
 
 
-def export_checkpoint(src: str, dest: str) -> None:
-    """Copy the selected checkpoint to ``dest``, replacing only an earlier export (a directory
-    holding a dcgh-dist checkpoint's meta.json), never other files."""
-    if os.path.lexists(dest):
-        from dcgh_dist.models.checkpoint import read_meta
+# Optimizer and DeepSpeed state stay in the run directory: the export is what is read later.
+_NOT_EXPORTED = ("train_state.pt", "deepspeed")
 
+
+def export_checkpoint(src: str, dest: str, s3_endpoint: str | None = None) -> None:
+    """Copy the selected checkpoint (a local directory) to ``dest``, a local path or s3:// URI,
+    so that a reader never loads a half-written one.
+
+    Locally: into a temporary sibling, then renamed over an earlier export (a directory holding a
+    dcgh-dist checkpoint's meta.json), never over other files. On S3, where a prefix cannot be
+    renamed: each file is one atomic PUT and meta.json, which makes the checkpoint loadable, goes
+    last (its weights are verified against meta.json's fingerprint on load anyway). Which run may
+    write there is decided before training (check_remote_output).
+    """
+    from dcgh_dist.models.checkpoint import read_meta
+
+    if is_remote(dest):
+        fs, base = resolve_filesystem(dest, s3_endpoint)
+        with tempfile.TemporaryDirectory(prefix="dcgh-export-") as tmp:
+            staged = os.path.join(tmp, "checkpoint")
+            shutil.copytree(src, staged, ignore=shutil.ignore_patterns(*_NOT_EXPORTED))
+            put_tree(staged, fs, base, last=("meta.json",))
+        return
+    if os.path.lexists(dest):
         try:
             read_meta(dest)
         except (OSError, ValueError) as e:
@@ -362,7 +401,7 @@ def export_checkpoint(src: str, dest: str) -> None:
                 "choose another --output-dir"
             ) from e
     tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train_state.pt", "deepspeed"))
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*_NOT_EXPORTED))
     if os.path.isdir(dest):
         old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
         os.rename(dest, old)
