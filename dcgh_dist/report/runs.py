@@ -121,7 +121,7 @@ class DatasetIdentity:
 # (encode, index, prepare) are left out whole.
 NOT_THE_EXPERIMENT = frozenset({
     "train.seed", "model.bits", "data.dataset", "data.data_root", "data.s3_endpoint", "data.cache_bytes",
-    "train.ray_address", "train.ray_num_cpus", "train.output_dir", "train.storage_path", "train.run_name",
+    "train.output_dir", "train.storage_path", "train.run_name",
     "train.log_every", "train.report_interval_s", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.max_failures", "eval.batch_size",
 })
@@ -159,7 +159,9 @@ def label_experiments(runs: Sequence[Run]) -> None:
         seen: dict[tuple, Run] = {}
         for run, exp in zip(method_runs, experiments):
             run.differs = ", ".join(f"{k}={_value_text(exp.get(k))}" for k in differing) or None
-            key = (run.variant, run.differs, tuple(sorted(run.entries)), run.seed)
+            # the recorded dataset is part of the key: two runs scored on different rows are not one
+            # result counted twice, and check_comparable names what differs between them
+            key = (run.variant, run.differs, tuple(sorted(run.entries)), run.seed, recorded_identity(run))
             if key in seen:
                 raise RunError(
                     f"runs {seen[key].name} and {run.name} have the same config and the same seed "
