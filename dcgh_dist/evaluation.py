@@ -45,9 +45,7 @@ def encode_splits(
         compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    out = collect(ds)
-    order = np.argsort(out["id"], kind="stable")  # deterministic database order
-    return {k: v[order] for k, v in out.items()}
+    return collect(ds)  # in id order: the database order ties in the ranking follow
 
 
 def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], dict[str, dict]]:

@@ -125,14 +125,22 @@ def read_split(
 
 
 def collect(ds, batch_size: int = 4096) -> dict:
-    """Every row of a (small) Ray Dataset as one numpy array per column, in the order read."""
+    """Every row of a (small) Ray Dataset as one numpy array per column, in id order.
+
+    Ray Data yields blocks in the order its read and map tasks finish, which changes from run to
+    run; sorted by id, the same command gets the same arrays, so that a seeded permutation of them
+    (each epoch's batches) and ties in a ranking over them (val mAP) are the same every time."""
     import numpy as np
 
     parts: dict[str, list] = {}
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         for k, v in batch.items():
             parts.setdefault(k, []).append(np.asarray(v))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    if "id" in out:
+        order = np.argsort(out["id"], kind="stable")
+        out = {k: v[order] for k, v in out.items()}
+    return out
 
 
 class _WithSplit:
