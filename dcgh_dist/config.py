@@ -109,7 +109,9 @@ class DataConfig:
     demo_seed: int = 0
     # Where generated/prepared datasets live; None = $DCGH_DATA_ROOT or ~/.cache/dcgh_dist.
     data_root: str | None = None
-    # S3-compatible endpoint override (MinIO, moto, ...); None = AWS default resolution.
+    # The S3-compatible endpoint (MinIO, moto, ...) of every s3:// URI a job reads or writes
+    # (datasets, checkpoints, codes, indexes, outputs): the one key, `--s3-endpoint` of every job.
+    # None = AWS's own resolution.
     s3_endpoint: str | None = None
     # A training split whose preprocessed rows fit this many bytes is read once and kept in Ray's
     # object store: every epoch then draws a fresh global permutation of it, sharded across the
@@ -131,11 +133,6 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    # Ray: None = start a local cluster (or join RAY_ADDRESS if set).
-    ray_address: str | None = None
-    # Logical CPUs for a *local* cluster; None = max(4, os.cpu_count()). More logical CPUs than
-    # cores keeps Ray Data from being starved by the training workers on small machines.
-    ray_num_cpus: int | None = None
     output_dir: str = "runs/latest"
     # Where Ray Train writes reported checkpoints: a local/shared path or s3:// URI.
     # None = <output_dir>/ray_results.
@@ -332,6 +329,24 @@ class DAPHConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """The Ray cluster every job runs on (``--ray-address``, ``--num-cpus``, ``--ray-temp-dir``)."""
+
+    # None = join RAY_ADDRESS if set (as inside `ray job submit`), else start a local cluster.
+    address: str | None = None
+    # Logical CPUs of a *local* cluster; None = max(4, os.cpu_count()). More logical CPUs than
+    # cores keeps Ray Data from being starved by the training workers on small machines.
+    num_cpus: int | None = None
+    # The session directory of a local cluster; None = Ray's default.
+    temp_dir: str | None = None
+
+
+# Keys that moved, as (old dotted key, new dotted key): files written before the move (the config
+# inside a checkpoint's meta.json, a code shard or an index manifest) still load.
+MOVED_KEYS = (("train.ray_address", "ray.address"), ("train.ray_num_cpus", "ray.num_cpus"))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -343,6 +358,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     daph: DAPHConfig = field(default_factory=DAPHConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -355,7 +371,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
-        return _from_plain(cls, data, "")
+        return _from_plain(cls, _moved(data), "")
 
     def validate(self) -> "Config":
         lengths = self.model.lengths
@@ -398,6 +414,20 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 # --------------------------------------------------------------------------------------------
 # Plain-dict conversion with type checking
+
+
+def _moved(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` with every key of MOVED_KEYS at its new place (a value there already wins)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old, new in MOVED_KEYS:
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            target = out.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, value)
+    return out
 
 
 def _to_plain(obj: Any) -> Any:

@@ -38,7 +38,7 @@ DEFAULT_NUM_WORKERS = 2
 # Set by the ablation itself for each run: a user override of these would make runs collide.
 OWNED_KEYS = {"train.output_dir": "--output", "train.seed": "--seeds"}
 # Keys whose value may differ between a kept run (--reuse) and this invocation.
-IGNORED_ON_REUSE = {"train.ray_address", "train.ray_num_cpus"}
+IGNORED_ON_REUSE = {"ray.address", "ray.num_cpus", "ray.temp_dir"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -58,7 +58,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,
                    help=f"default {DEFAULT_NUM_WORKERS} (gather-local equals full with one worker)")
     p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs in DIR/runs that have this config; train only the others")
     p.add_argument("--max-items", type=int, default=DEFAULT_MAX_ITEMS, help="as for jobs/report.py")
@@ -73,7 +72,7 @@ def train_argv(args: argparse.Namespace, run_dir: str, variant: str, seed: int) 
     from dcgh_dist.report.ablation import variant_overrides
 
     argv = ["--dataset", args.dataset, "--output-dir", run_dir, "--num-workers", str(args.num_workers)]
-    for flag in ("bits", "epochs", "batch_size", "ray_address", "config"):
+    for flag in ("bits", "epochs", "batch_size", "config", "ray_address", "num_cpus", "ray_temp_dir", "s3_endpoint"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -202,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             label_run(p["dir"], p["variant"], variant_overrides(p["variant"]))
     t0 = time.time()
     # One session for every run: train.main joins it (a local cluster starts once, not per run).
-    session = (ray_session(first.train.ray_address, num_cpus=first.train.ray_num_cpus, dashboard=True) if todo
+    session = (ray_session(first.ray.address, num_cpus=first.ray.num_cpus, temp_dir=first.ray.temp_dir,
+                           dashboard=True) if todo
                else contextlib.nullcontext())
     with session:
         for i, p in enumerate(todo, 1):

@@ -35,6 +35,8 @@ FLAGS = {
     "mh_bits_per_hash": "index.mh_bits_per_hash", "mh_nflip": "index.mh_nflip", "seed": "index.seed",
     "task_cpus": "index.task_cpus", "keep_builds": "index.keep_builds",
 }
+# What this job reads of the tree: an override of anything else would be ignored, so it is refused.
+READS = ("index", "ray", "data.s3_endpoint")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -58,19 +60,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "previous manifest keeps working); older builds of this index are deleted")
     p.add_argument("--checkpoint", help="the model's checkpoint: pins its fingerprint and config in the "
                                         "manifest (must match the codes' own, when they carry one)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// URIs")
-    p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster")
-    p.add_argument("--ray-temp-dir", help="temp/session directory of a local cluster")
     add_config_arguments(p)
     return p.parse_intermixed_args(argv)
 
 
-def index_config(args: argparse.Namespace):
-    """The IndexConfig of the command line (--config, flags, index.* overrides)."""
+def job_config(args: argparse.Namespace):
+    """The config tree of the command line (--config, flags, overrides of what this job reads)."""
     from dcgh_dist.cli import config_from_args
 
-    return config_from_args(args, FLAGS).index
+    return config_from_args(args, FLAGS, reads=READS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -82,17 +80,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.index.manifest import manifest_location
     from dcgh_dist.ray_session import ray_session
 
-    cfg = index_config(args)
+    tree = job_config(args)
+    cfg, s3_endpoint = tree.index, tree.data.s3_endpoint
     fingerprint = config = None
     if args.checkpoint:
         from dcgh_dist.models.checkpoint import verified_meta
 
-        meta = verified_meta(args.checkpoint, args.s3_endpoint)  # before Ray starts
+        meta = verified_meta(args.checkpoint, s3_endpoint)  # before Ray starts
         fingerprint, config = meta.fingerprint, meta.config.to_dict()
 
-    with ray_session(args.ray_address, num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir):
+    with ray_session(tree.ray.address, num_cpus=tree.ray.num_cpus, temp_dir=tree.ray.temp_dir):
         manifest = build_index(args.codes, args.output, cfg, expected_fingerprint=fingerprint,
-                               config=config, s3_endpoint=args.s3_endpoint, use_ray=True)
+                               config=config, s3_endpoint=s3_endpoint, use_ray=True)
     size = sum(s.bytes for s in manifest.shards)
     print(f"| index | shards | codes | bits | bytes/item | model | seconds |\n|---|---|---|---|---|---|---|\n"
           f"| {cfg.index_type} | {len(manifest.shards)} | {manifest.num_items} | {manifest.bits} | "

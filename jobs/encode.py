@@ -35,6 +35,8 @@ FLAGS = {
     "precision": "encode.precision", "throttle_s": "encode.throttle_s", "splits": "encode.splits",
     "bits": "encode.bits",
 }
+# What this job reads of the tree: an override of anything else would be ignored, so it is refused.
+READS = ("encode", "ray", "data.s3_endpoint")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,10 +58,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--bits", type=int, help="code length of a multi-length checkpoint (default: its primary one)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: the checkpoint's data.s3_endpoint)")
-    p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (default max(4, cores))")
-    p.add_argument("--ray-temp-dir", help="temp/session directory of a local cluster")
     p.add_argument("--throttle-s", type=float, help=argparse.SUPPRESS)  # testing aid
     p.add_argument("--json", help="also write the result as JSON here")
     add_config_arguments(p)
@@ -81,17 +79,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.models.checkpoint import verified_meta
     from dcgh_dist.ray_session import quiet_progress, ray_session
 
-    cfg = config_from_args(args, FLAGS).encode
+    tree = config_from_args(args, FLAGS, reads=READS)
+    cfg = tree.encode
     # Everything checked before Ray starts: the weights against their fingerprint, the dataset.
-    meta = verified_meta(args.checkpoint, args.s3_endpoint)
-    s3_endpoint = args.s3_endpoint or meta.config.data.s3_endpoint
+    meta = verified_meta(args.checkpoint, tree.data.s3_endpoint)
+    # unset: the endpoint the checkpoint's run read its data from
+    s3_endpoint = tree.data.s3_endpoint or meta.config.data.s3_endpoint
     dataset = args.dataset
     if not (dataset.endswith(".parquet") or os.path.isfile(dataset)):
         # demo and presets as the checkpoint's run saw them (demo size and seed, data root)
         dataset = resolve_dataset(replace(meta.config.data, dataset=dataset, s3_endpoint=s3_endpoint))
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
 
-    with ray_session(args.ray_address, num_cpus=args.num_cpus, temp_dir=args.ray_temp_dir):
+    with ray_session(tree.ray.address, num_cpus=tree.ray.num_cpus, temp_dir=tree.ray.temp_dir):
         quiet_progress()
         result = run_encode(args.checkpoint, dataset, args.output, modalities, cfg, s3_endpoint=s3_endpoint)
     out = json.loads(json.dumps(result.to_dict()))

@@ -32,6 +32,9 @@ logger = logging.getLogger("dcgh_dist.jobs.evaluate")
 # The flags are shorthands for keys of the config tree.
 FLAGS = {"index": "index.index_type", "shard_size": "index.shard_size", "map_k": "eval.map_topk",
          "ndcg_k": "eval.ndcg_k", "precision_k": "eval.precision_k"}
+# What this job reads of the tree (the one-shot mode encodes and builds): an override of anything
+# else would be ignored, so it is refused.
+READS = ("eval", "index", "encode", "ray", "data.s3_endpoint")
 # Ranking through an index needs a finite k for mAP: eval.map_topk unset means this.
 DEFAULT_MAP_K = 1000
 
@@ -56,9 +59,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-reference", action="store_true",
                    help="also compute dcgh_dist.metrics over all codes in memory and compare")
     p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--s3-endpoint")
-    p.add_argument("--ray-address")
-    p.add_argument("--num-cpus", type=int)
     add_config_arguments(p)
     return p.parse_intermixed_args(argv)
 
@@ -95,16 +95,16 @@ def one_shot(args, cfg, dataset: str) -> tuple[str, dict[str, str]]:
     if not args.work_dir:
         raise ValueError("--checkpoint needs --work-dir (where codes and indexes go)")
     work = args.work_dir.rstrip("/")
-    meta = verified_meta(args.checkpoint, args.s3_endpoint)
+    meta = verified_meta(args.checkpoint, cfg.data.s3_endpoint)
     q_root, db_root = f"{work}/codes/query", f"{work}/codes/db"
     for root, splits in ((q_root, (args.query_split,)), (db_root, DATABASE_SPLITS)):
         run_encode(args.checkpoint, dataset, root, ("image", "text"), replace(cfg.encode, splits=splits),
-                   s3_endpoint=args.s3_endpoint)
+                   s3_endpoint=cfg.data.s3_endpoint)
     indexes = {}
     for m in ("image", "text"):
         indexes[m] = f"{work}/index/{m}"
         build_index(f"{db_root}/{m}", indexes[m], cfg.index, expected_fingerprint=meta.fingerprint,
-                    config=meta.config.to_dict(), s3_endpoint=args.s3_endpoint)
+                    config=meta.config.to_dict(), s3_endpoint=cfg.data.s3_endpoint)
     return q_root, indexes
 
 
@@ -122,19 +122,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.index.evaluate import index_retrieval_metrics, read_labels
     from dcgh_dist.metrics import TASKS
 
-    cfg = config_from_args(args, FLAGS)
+    cfg = config_from_args(args, FLAGS, reads=READS)
     map_k = cfg.eval.map_topk or DEFAULT_MAP_K
     data = cfg.data
     if args.checkpoint:  # demo and presets as the checkpoint's run saw them
         from dcgh_dist.models.checkpoint import read_meta
 
-        data = read_meta(args.checkpoint, args.s3_endpoint).config.data
+        data = read_meta(args.checkpoint, cfg.data.s3_endpoint).config.data
     dataset = resolve_dataset(replace(data, dataset=args.dataset))
 
     if args.checkpoint:
         from dcgh_dist.ray_session import quiet_progress, ray_session
 
-        with ray_session(args.ray_address, num_cpus=args.num_cpus):
+        with ray_session(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir):
             quiet_progress()
             queries, index_uris = one_shot(args, cfg, dataset)
     else:
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise ValueError("give --queries with --index-image/--index-text, or --checkpoint with --work-dir")
         queries, index_uris = args.queries, {"image": args.index_image, "text": args.index_text}
 
-    labels = read_labels(dataset, args.s3_endpoint)
+    labels = read_labels(dataset, cfg.data.s3_endpoint)
     opened: dict[str, ShardedIndex] = {}
     fingerprints = set()
     results: dict = {}
@@ -152,15 +152,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logger.info("%s: no %s index given, skipped", task, db_mod)
             continue
         if db_mod not in opened:
-            opened[db_mod] = ShardedIndex.open(index_uris[db_mod], s3_endpoint=args.s3_endpoint)
+            opened[db_mod] = ShardedIndex.open(index_uris[db_mod], s3_endpoint=cfg.data.s3_endpoint)
             fingerprints.add(opened[db_mod].manifest.model_fingerprint)
         index = opened[db_mod]
-        q_ids, q_codes = read_query_codes(queries, q_mod, labels, args.query_split, args.s3_endpoint)
+        q_ids, q_codes = read_query_codes(queries, q_mod, labels, args.query_split, cfg.data.s3_endpoint)
         m = index_retrieval_metrics(index, q_codes, q_ids, labels, map_topk=map_k,
                                     ndcg_k=cfg.eval.ndcg_k, precision_k=cfg.eval.precision_k)
         results.update({f"{name}_{task}": value for name, value in m.items()})
         if args.check_reference:
-            ref = reference_metrics(index, q_ids, q_codes, labels, args, map_k, cfg.eval)
+            ref = reference_metrics(index, q_ids, q_codes, labels, cfg, map_k)
             results.update({f"reference_{name}_{task}": value for name, value in ref.items()})
         results.setdefault("num_query", {})[task] = int(len(q_ids))
         results.setdefault("num_database", {})[task] = int(index.ntotal)
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return results
 
 
-def reference_metrics(index, q_ids, q_codes, labels, args, map_k: int, eval_cfg) -> dict[str, float]:
+def reference_metrics(index, q_ids, q_codes, labels, cfg, map_k: int) -> dict[str, float]:
     """dcgh_dist.metrics on every database code in memory, database in id order (small data)."""
     import numpy as np
 
@@ -181,14 +181,14 @@ def reference_metrics(index, q_ids, q_codes, labels, args, map_k: int, eval_cfg)
     from dcgh_dist.index.codes import unpack_codes
     from dcgh_dist.metrics import retrieval_metrics
 
-    src = scan_code_source(index.manifest.codes_uri, args.s3_endpoint)
-    ids, codes = read_slices(src.uri, [(f.path, 0, f.rows) for f in src.files], args.s3_endpoint)
+    src = scan_code_source(index.manifest.codes_uri, cfg.data.s3_endpoint)
+    ids, codes = read_slices(src.uri, [(f.path, 0, f.rows) for f in src.files], cfg.data.s3_endpoint)
     order = np.argsort(ids, kind="stable")
     ids, codes = ids[order], codes[order]
     db_lab = labels.multihot(labels.rows(ids))
     q_lab = labels.multihot(labels.rows(q_ids))
     return retrieval_metrics(unpack_codes(q_codes), unpack_codes(codes), q_lab, db_lab,
-                             map_topk=map_k, ndcg_k=eval_cfg.ndcg_k, precision_k=eval_cfg.precision_k)
+                             map_topk=map_k, ndcg_k=cfg.eval.ndcg_k, precision_k=cfg.eval.precision_k)
 
 
 def print_table(results: dict) -> None:

@@ -48,6 +48,8 @@ FLAGS = {name: f"prepare.{name}" for name in (
     "layout", "seed", "query", "val", "train", "max_side", "jpeg_quality", "workers", "chunk_size",
     "max_image_errors", "coco_captions", "nus_text", "top_k", "min_tag_images")}
 FLAGS["shard_size"] = "prepare.shard_bytes"
+# What this job reads of the tree: an override of anything else would be ignored, so it is refused.
+READS = ("prepare", "data.s3_endpoint")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,7 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, help="JPEG quality of re-encoded images (default 90)")
     p.add_argument("--workers", type=int, help="image worker processes (default: cores - 1, at least 1; 0 = in this process)")
     p.add_argument("--chunk-size", type=int, help="images per worker task (default 32)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// input and output (MinIO, moto, ...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset this job prepared at --output (only the files its dataset.json "
                         "lists; any other file is refused)")
@@ -88,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="MIRFLICKR: the tag vocabulary is the tags of at least this many images (default 20)")
     p.add_argument("--class-names", help="list layout: a file of class names, one a line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(p)
+    add_config_arguments(p, ray=False)
     return p.parse_intermixed_args(argv)
 
 
@@ -104,11 +105,11 @@ def build_options(args: argparse.Namespace):
         if args.dataset not in DATASET_PRESETS:
             raise ValueError(f"--output is required for a dataset that is not a preset ({args.dataset!r})")
         output = preset_output_path(args.dataset, args.data_root)
-    settings = config_from_args(args, FLAGS).prepare
+    tree = config_from_args(args, FLAGS, reads=READS)
     return PrepareOptions(
-        dataset=args.dataset, input=args.input, output=output, s3_endpoint=args.s3_endpoint,
+        dataset=args.dataset, input=args.input, output=output, s3_endpoint=tree.data.s3_endpoint,
         overwrite=args.overwrite, image_root=args.image_root, class_names_file=args.class_names,
-        progress=not args.no_progress, **asdict(settings),
+        progress=not args.no_progress, **asdict(tree.prepare),
     )
 
 

@@ -26,7 +26,9 @@ logger = logging.getLogger("dcgh_dist.jobs.report")
 
 
 # The flags are shorthands for keys of the config tree.
-FLAGS = {"batch_size": "eval.batch_size", "s3_endpoint": "data.s3_endpoint"}
+FLAGS = {"batch_size": "eval.batch_size"}
+# What this job reads of the tree: an override of anything else would be ignored, so it is refused.
+READS = ("eval.batch_size", "data.s3_endpoint")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,8 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="rows per model call while encoding (eval.batch_size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--title", help="the report's title (default: the dataset's name)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// runs and datasets")
-    add_config_arguments(p)
+    add_config_arguments(p, ray=False)
     return p.parse_intermixed_args(argv)
 
 
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     from dcgh_dist.cli import config_from_args
     from dcgh_dist.report import build_report
 
-    cfg = config_from_args(args, FLAGS)
+    cfg = config_from_args(args, FLAGS, reads=READS)
     output = args.output.rstrip("/") or "/"
     report = build_report(args.runs, output, max_items=args.max_items, tsne_points=args.tsne_points,
                           batch_size=cfg.eval.batch_size, s3_endpoint=cfg.data.s3_endpoint, device=args.device,

@@ -31,9 +31,12 @@ logger = logging.getLogger("dcgh_dist.jobs.train")
 FLAGS = {
     "dataset": "data.dataset", "bits": "model.bits", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
-    "output_dir": "train.output_dir", "ray_address": "train.ray_address",
+    "output_dir": "train.output_dir",
     "method": "train.method", "stage": "daph.stage",
 }
+# What training reads of the tree; an override of encode.*, index.* or prepare.* (other jobs'
+# sections) would be ignored, so it is refused.
+READS = ("model", "loss", "optim", "data", "train", "eval", "daph", "ray")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -47,7 +50,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--output-dir")
-    p.add_argument("--ray-address", help="join this cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--method", choices=["dcgh", "daph"], help="dcgh (default) or daph (two stages)")
     p.add_argument("--stage", choices=["1", "2", "all"],
                    help="daph: 1 = the proxy network (writes the proxy codes), 2 = the hashing networks, all (default)")
@@ -63,7 +65,7 @@ def build_config(args: argparse.Namespace):
     from dcgh_dist.cli import config_from_args
     from dcgh_dist.data.presets import TRAIN_PRESETS
 
-    return config_from_args(args, FLAGS, preset=lambda dataset: TRAIN_PRESETS.get(dataset, {}))
+    return config_from_args(args, FLAGS, preset=lambda dataset: TRAIN_PRESETS.get(dataset, {}), reads=READS)
 
 
 def print_table(metrics: dict, baselines: dict[str, dict | None]) -> str:
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_output(cfg, "config.yaml", cfg.to_yaml().encode())
 
     stage1 = None
-    with ray_session(cfg.train.ray_address, num_cpus=cfg.train.ray_num_cpus, dashboard=True):
+    with ray_session(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir, dashboard=True):
         t0 = time.time()
         if is_daph and stage in ("1", "all") and proxy_codes is None:
             _, stage1 = daph.run_stage1(cfg, resume=args.resume)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from dcgh_dist.config import Config, load_config, parse_overrides
@@ -108,12 +110,12 @@ def test_jobs_layer_yaml_flags_and_overrides_the_same_way(tmp_path):
     y = tmp_path / "idx.yaml"
     y.write_text("index: {index_type: ivf, nlist: 64, nprobe: 8}\n")
     base = ["--codes", "c", "--output", "o", "--config", str(y)]
-    assert job.index_config(job.parse_args(base)).nlist == 64
-    assert job.index_config(job.parse_args([*base, "--nlist", "32"])).nlist == 32
-    cfg = job.index_config(job.parse_args(["index.nlist=16", *base, "--nlist", "32"]))
+    assert job.job_config(job.parse_args(base)).index.nlist == 64
+    assert job.job_config(job.parse_args([*base, "--nlist", "32"])).index.nlist == 32
+    cfg = job.job_config(job.parse_args(["index.nlist=16", *base, "--nlist", "32"])).index
     assert (cfg.index_type, cfg.nlist, cfg.nprobe) == ("ivf", 16, 8)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['index.nlistt'\]"):
-        job.index_config(job.parse_args([*base, "index.nlistt=3"]))
+        job.job_config(job.parse_args([*base, "index.nlistt=3"]))
     enc = _job("encode")
     args = enc.parse_args(["--checkpoint", "c", "--dataset", "d", "--output", "o", "--batch-size", "8",
                            "encode.precision=bf16", "--splits", "train,db"])
@@ -121,3 +123,59 @@ def test_jobs_layer_yaml_flags_and_overrides_the_same_way(tmp_path):
 
     e = config_from_args(args, enc.FLAGS).encode
     assert (e.batch_size, e.precision, e.splits) == (8, "bf16", ("train", "db"))
+
+
+# The required arguments of each job's parser, so that its config can be built without running it.
+_REQUIRED = {
+    "train": [], "encode": ["--checkpoint", "c", "--dataset", "d", "--output", "o"],
+    "build_index": ["--codes", "c", "--output", "o"], "evaluate": ["--dataset", "d"],
+    "prepare_data": ["--dataset", "coco", "--input", "i", "--output", "o"], "report": ["--runs", "r", "--output", "o"],
+}
+
+
+def _tree(name: str, argv: list[str]):
+    from dcgh_dist.cli import config_from_args
+
+    job = _job(name)
+    args = job.parse_args([*_REQUIRED[name], *argv])
+    if name == "train":
+        return job.build_config(args)
+    return config_from_args(args, job.FLAGS, reads=job.READS)
+
+
+@pytest.mark.parametrize("name", sorted(_REQUIRED))
+def test_every_job_reads_one_tree_where_flags_are_aliases_of_keys(name):
+    """The S3 endpoint is one key (data.s3_endpoint) in every job, and --s3-endpoint its alias;
+    the Ray settings are the ray section, --ray-address/--num-cpus/--ray-temp-dir their aliases.
+    `jobs/encode.py data.s3_endpoint=...` used to be accepted and ignored."""
+    endpoint = "http://127.0.0.1:9"
+    assert _tree(name, [f"data.s3_endpoint={endpoint}"]).data.s3_endpoint == endpoint
+    assert _tree(name, ["--s3-endpoint", endpoint]).data.s3_endpoint == endpoint
+    if name not in ("prepare_data", "report"):  # the jobs that start Ray
+        by_flag = _tree(name, ["--ray-address", "127.0.0.1:6379", "--num-cpus", "3", "--ray-temp-dir", "/tmp/r"]).ray
+        by_key = _tree(name, ["ray.address=127.0.0.1:6379", "ray.num_cpus=3", "ray.temp_dir=/tmp/r"]).ray
+        assert by_flag == by_key and (by_key.address, by_key.num_cpus, by_key.temp_dir) == ("127.0.0.1:6379", 3, "/tmp/r")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['ray.adress'\]"):
+        _tree(name, ["ray.adress=x"])
+
+
+@pytest.mark.parametrize("name, ignored", [("encode", "optim.head_lr=1"), ("build_index", "encode.batch_size=8"),
+                                           ("evaluate", "train.epochs=3"), ("train", "index.nlist=8"),
+                                           ("prepare_data", "model.bits=32"), ("report", "loss.variance_weight=0")])
+def test_an_override_the_job_does_not_read_is_refused(name, ignored):
+    key = ignored.split("=")[0]
+    with pytest.raises(ValueError, match=rf"this job does not read {re.escape(key)}: it would be ignored"):
+        _tree(name, [ignored])
+
+
+def test_configs_saved_before_the_ray_section_still_load():
+    """Checkpoints, code shards and manifests hold the config as it was: train.ray_address and
+    train.ray_num_cpus are now ray.address and ray.num_cpus."""
+    from dcgh_dist.config import Config
+
+    old = Config().to_dict()
+    del old["ray"]
+    old["train"].update(ray_address="127.0.0.1:6379", ray_num_cpus=4)
+    cfg = Config.from_dict(old)
+    assert (cfg.ray.address, cfg.ray.num_cpus) == ("127.0.0.1:6379", 4)
+    assert "ray_address" not in cfg.to_dict()["train"]

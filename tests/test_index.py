@@ -400,8 +400,8 @@ def test_keep_builds_flag():
     build_job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_job)
     args = build_job.parse_args(["--codes", "c", "--output", "o", "--keep-builds", "3"])
-    assert build_job.index_config(args).keep_builds == 3
-    assert build_job.index_config(build_job.parse_args(["--codes", "c", "--output", "o"])).keep_builds == 2
+    assert build_job.job_config(args).index.keep_builds == 3
+    assert build_job.job_config(build_job.parse_args(["--codes", "c", "--output", "o"])).index.keep_builds == 2
 
 
 @pytest.mark.parametrize("bad", ["../../victim", ".", "..", "a/b", "/abs", ".hidden", "x" * 129, 7])

@@ -384,7 +384,7 @@ def parse_entrypoint(argv: list[str]) -> tuple[str, Any]:
     if script == "jobs/train.py":
         return script, job.build_config(parsed)
     if script in ("jobs/encode.py", "jobs/build_index.py"):
-        return script, config_from_args(parsed, job.FLAGS)
+        return script, config_from_args(parsed, job.FLAGS, reads=job.READS)
     raise ValueError(f"no parser known for {script}")
 
 
