@@ -133,6 +133,10 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # torch's intra-op threads in each worker. None = the node's cores shared by the workers on it
+    # (dcgh_dist.train.loop.worker_threads): Ray sets OMP_NUM_THREADS to a worker's CPU request
+    # (1 by default), which left a lone CPU worker on one thread of a 2-core machine.
+    torch_threads: int | None = None
     output_dir: str = "runs/latest"
     # Where Ray Train writes reported checkpoints: a local/shared path or s3:// URI.
     # None = <output_dir>/ray_results.

@@ -109,6 +109,18 @@ def ray_session(
             logger.warning("Ray's logs of this run are kept in %s", root)
 
 
+def node_cores() -> int:
+    """Cores this process's node gives to Ray work: the fewer of the node's CPU resource (a
+    KubeRay pod's CPU limit; may exceed the cores on a laptop, where Ray is given more logical
+    CPUs than it has) and this process's affinity mask. Call inside a Ray task or actor: Ray sets
+    OMP_NUM_THREADS to its CPU request, a scheduling unit rather than a core count."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node_cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node_id), 1)
+    return max(1, min(int(node_cpus), len(os.sched_getaffinity(0))))
+
+
 @contextlib.contextmanager
 def env_default(name: str, value: str) -> Iterator[str]:
     """``os.environ[name] = value`` for the duration of the block, unless the user exported

@@ -5,6 +5,7 @@ feature dataset scores the linear hashing baseline beside the trained model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,9 @@ def test_feature_dataset_plain_command(tmp_path, demo_features, ray_cluster):
     assert hist[result["best_val_epoch"] - 1]["val_map"] == best
     # both workers ran every step of every epoch on the cached split
     assert hist[-1]["global_step"] == len(hist) * ((1956 // 2) // 64)
+    # two workers share the node's cores (4 logical CPUs here, capped at the real ones), not one
+    # thread each because Ray set OMP_NUM_THREADS to their CPU request
+    assert {h["torch_threads"] for h in hist} == {max(1, min(4, len(os.sched_getaffinity(0))) // 2)}
     lin = result["linear"]
     assert {"map_i2t", "map_t2i", "ndcg@1000_i2t", "p@10_t2i"} <= set(lin)
     assert json.loads((out / "metrics.json").read_text())["linear"] == lin
@@ -249,7 +253,7 @@ def test_the_same_command_gives_the_same_model_and_the_seed_changes_it(tmp_path,
         out = tmp_path / name
         cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--dataset", demo_features, "--epochs", "4",
                "--output-dir", str(out), "--skip-baseline", *extra]
-        env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((out / "metrics.json").read_text())
@@ -262,9 +266,19 @@ def test_the_same_command_gives_the_same_model_and_the_seed_changes_it(tmp_path,
         return out
 
     a, b, other = run("a"), run("b"), run("seed1", "train.seed=1")
+    # one worker on its own cluster: every core (the documented default, not Ray's one thread)
+    assert {h["torch_threads"] for h in a["history"]} == {len(os.sched_getaffinity(0))}
     na, nb = numbers(a), numbers(b)
     assert na.keys() == nb.keys() and len(na) > 20
     assert {k: v for k, v in na.items() if abs(v - nb[k]) > 1e-6} == {}
     assert a["selected_epoch"] == b["selected_epoch"]
     no = numbers(other)
     assert any(abs(na[k] - no[k]) > 1e-4 for k in na if k in no)
+
+
+def test_torch_threads_set_by_hand_are_used_and_checked():
+    from dcgh_dist.train.loop import worker_threads
+
+    assert worker_threads(3, workers_on_node=2) == 3  # no Ray needed: the setting is taken as is
+    with pytest.raises(ValueError, match="train.torch_threads must be >= 1"):
+        worker_threads(0, workers_on_node=1)

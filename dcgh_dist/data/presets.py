@@ -48,8 +48,8 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The demo trains a tiny CLIP from scratch on a CPU: from-scratch towers need a far larger
     # learning rate than the 1e-5 used to fine-tune pretrained CLIP. It trains until val mAP has
-    # not improved for 3 epochs (about 15-18 of the 24 allowed, docs/TRAINING.md). Unaugmented,
-    # its 104 MiB of preprocessed pairs are read once and stay in the object store: 0.826 / 0.804
+    # not improved for 3 epochs (about 18-20 of the 24 allowed, docs/TRAINING.md). Unaugmented,
+    # its 104 MiB of preprocessed pairs are read once and stay in the object store: 0.827 / 0.809
     # test mAP where 8 augmented epochs reached 0.777 / 0.735 (README, demo results).
     "demo": {
         "model": {"clip_preset": "tiny", "bits": 64},

@@ -102,6 +102,18 @@ def _setup_logging() -> None:
         pkg.addHandler(handler)
 
 
+def worker_threads(configured: int | None, workers_on_node: int) -> int:
+    """torch threads for one CPU training worker: ``configured``, else the node's cores
+    (``ray_session.node_cores``) divided among the workers on it."""
+    if configured is not None:
+        if configured < 1:
+            raise ValueError(f"train.torch_threads must be >= 1 (or null for automatic), got {configured}")
+        return configured
+    from dcgh_dist.ray_session import node_cores
+
+    return max(1, node_cores() // max(1, workers_on_node))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -113,6 +125,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(worker_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
+        if rank == 0:
+            logger.info("%d torch threads per worker (%d worker(s) on this node)",
+                        torch.get_num_threads(), ctx.get_local_world_size())
     accum = cfg.train.grad_accum_steps
     total_opt_steps = (steps_per_epoch // accum) * cfg.train.epochs
     # Ray Data yields the first batch only once ~1.5 local shuffle buffers are filled, so a buffer
@@ -203,6 +220,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 local_shuffle_buffer_size=shuffle_buffer,
             )
         micro, data_wait, first_batch_wait = first, 0.0, None
+        split: dict[str, float] = {}
         batch_iter = iter(batches)
         while True:
             # Time blocked on the data pipeline, apart from compute: the number that says whether
@@ -217,17 +235,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
             if micro >= steps_per_epoch:
                 break  # uneven shards: every worker runs exactly steps_per_epoch micro-steps
+            # Where the step's time goes, per epoch (host clock: exact on CPU; on a GPU the
+            # kernels are asynchronous and the time lands where the next sync is).
+            t = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
+            t = _lap(split, "h2d", t)
             codes = engine.forward(batch)
-            loss, logged = objective.loss(codes, batch)
+            t = _lap(split, "forward", t)
+            loss, logged = objective.loss(codes, batch)  # gathers every worker's codes
+            t = _lap(split, "loss_and_gather", t)
             engine.backward(loss)
+            t = _lap(split, "backward", t)
             micro += 1
             n_micro += 1
             n_pairs += batch["labels"].shape[0] * world
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if engine.step():  # an optimizer step happened: the objective's own state steps with it
+            stepped = engine.step()
+            if stepped:  # an optimizer step happened: the objective's own state steps with it
                 objective.after_step(engine.grad_scale())
+            t = _lap(split, "optimizer", t)
+            if stepped:
                 global_step += 1
                 if rank == 0 and (global_step % cfg.train.log_every == 0 or micro == first + accum):
                     logger.info(
@@ -253,7 +281,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_wait_share": data_wait / max(elapsed, 1e-9),  # this worker's (rank 0's) share
             "first_batch_seconds": first_batch_wait or 0.0,
             "lr_heads": engine.lr(),
+            "torch_threads": torch.get_num_threads(),
             **{f"loss_{k}": v / max(n_micro, 1) for k, v in sums.items()},
+            **{f"seconds_{k}": v for k, v in split.items()},
         }
         if resumed_from_step is not None:
             metrics["resumed_from_step"], resumed_from_step = resumed_from_step, None
@@ -261,7 +291,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_batches = val_cache if val_cache is not None else val_shard.iter_torch_batches(batch_size=256)
             if cache_val and val_cache is None:
                 val_batches = val_cache = list(val_batches)
+            t_val = time.perf_counter()
             metrics.update(validate(engine.module, val_batches))
+            metrics["seconds_validation"] = time.perf_counter() - t_val
         stop = False
         if rank == 0:
             history.append(metrics)
@@ -279,6 +311,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "stopping after epoch %d of at most %d", cfg.train.patience,
                             history[best - 1]["val_map"], best, epoch + 1, cfg.train.epochs)
             break
+
+
+def _lap(split: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    split[name] = split.get(name, 0.0) + now - since
+    return now
 
 
 def validate(model, batches) -> dict[str, float]:
