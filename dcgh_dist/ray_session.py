@@ -109,6 +109,12 @@ def ray_session(
             logger.warning("Ray's logs of this run are kept in %s", root)
 
 
+def config_session(ray_cfg, *, dashboard: bool = False):
+    """:func:`ray_session` for a config tree's ``ray`` section (a ``RayConfig``): the one way a job
+    turns ``ray.address`` / ``ray.num_cpus`` / ``ray.temp_dir`` into its cluster."""
+    return ray_session(ray_cfg.address, num_cpus=ray_cfg.num_cpus, temp_dir=ray_cfg.temp_dir, dashboard=dashboard)
+
+
 def node_cores() -> int:
     """Cores this process's node gives to Ray work: the fewer of the node's CPU resource (a
     KubeRay pod's CPU limit; may exceed the cores on a laptop, where Ray is given more logical

@@ -69,10 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def train_argv(args: argparse.Namespace, run_dir: str, variant: str, seed: int) -> list[str]:
     """jobs/train.py's command line of one run: the user's flags and overrides, then the seed and
     the variant's overrides (later overrides win)."""
+    from dcgh_dist.cli import COMMON_FLAGS
     from dcgh_dist.report.ablation import variant_overrides
 
     argv = ["--dataset", args.dataset, "--output-dir", run_dir, "--num-workers", str(args.num_workers)]
-    for flag in ("bits", "epochs", "batch_size", "config", "ray_address", "num_cpus", "ray_temp_dir", "s3_endpoint"):
+    for flag in ("bits", "epochs", "batch_size", "config", *COMMON_FLAGS):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import train  # jobs/train.py
 
     from dcgh_dist.config import parse_overrides
-    from dcgh_dist.ray_session import ray_session
+    from dcgh_dist.ray_session import config_session
     from dcgh_dist.report import build_report
     from dcgh_dist.report.ablation import ablation_markdown, check_variants, run_name, variant_overrides
     from dcgh_dist.storage import write_text_atomic
@@ -201,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             label_run(p["dir"], p["variant"], variant_overrides(p["variant"]))
     t0 = time.time()
     # One session for every run: train.main joins it (a local cluster starts once, not per run).
-    session = (ray_session(first.ray.address, num_cpus=first.ray.num_cpus, temp_dir=first.ray.temp_dir,
-                           dashboard=True) if todo
+    session = (config_session(first.ray, dashboard=True) if todo
                else contextlib.nullcontext())
     with session:
         for i, p in enumerate(todo, 1):

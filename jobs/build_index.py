@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from dcgh_dist.index.build import build_index
     from dcgh_dist.index.manifest import manifest_location
-    from dcgh_dist.ray_session import ray_session
+    from dcgh_dist.ray_session import config_session
 
     tree = job_config(args)
     cfg, s3_endpoint = tree.index, tree.data.s3_endpoint
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         meta = verified_meta(args.checkpoint, s3_endpoint)  # before Ray starts
         fingerprint, config = meta.fingerprint, meta.config.to_dict()
 
-    with ray_session(tree.ray.address, num_cpus=tree.ray.num_cpus, temp_dir=tree.ray.temp_dir):
+    with config_session(tree.ray):
         manifest = build_index(args.codes, args.output, cfg, expected_fingerprint=fingerprint,
                                config=config, s3_endpoint=s3_endpoint, use_ray=True)
     size = sum(s.bytes for s in manifest.shards)

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.data.presets import resolve_dataset
     from dcgh_dist.encoding import run_encode
     from dcgh_dist.models.checkpoint import verified_meta
-    from dcgh_dist.ray_session import quiet_progress, ray_session
+    from dcgh_dist.ray_session import config_session, quiet_progress
 
     tree = config_from_args(args, FLAGS, reads=READS)
     cfg = tree.encode
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dataset = resolve_dataset(replace(meta.config.data, dataset=dataset, s3_endpoint=s3_endpoint))
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
 
-    with ray_session(tree.ray.address, num_cpus=tree.ray.num_cpus, temp_dir=tree.ray.temp_dir):
+    with config_session(tree.ray):
         quiet_progress()
         result = run_encode(args.checkpoint, dataset, args.output, modalities, cfg, s3_endpoint=s3_endpoint)
     out = json.loads(json.dumps(result.to_dict()))

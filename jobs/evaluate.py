@@ -132,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dataset = resolve_dataset(replace(data, dataset=args.dataset))
 
     if args.checkpoint:
-        from dcgh_dist.ray_session import quiet_progress, ray_session
+        from dcgh_dist.ray_session import config_session, quiet_progress
 
-        with ray_session(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir):
+        with config_session(cfg.ray):
             quiet_progress()
             queries, index_uris = one_shot(args, cfg, dataset)
     else:

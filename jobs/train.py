@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dcgh_dist.baselines import has_linear_baseline, linear_baselines
     from dcgh_dist.evaluation import evaluate, write_pr_plot
-    from dcgh_dist.ray_session import ray_session
+    from dcgh_dist.ray_session import config_session
     from dcgh_dist.train.loop import best_val_epoch
     from dcgh_dist.train import daph
     from dcgh_dist.train.runner import plan_run, run_training
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_output(cfg, "config.yaml", cfg.to_yaml().encode())
 
     stage1 = None
-    with ray_session(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir, dashboard=True):
+    with config_session(cfg.ray, dashboard=True):
         t0 = time.time()
         if is_daph and stage in ("1", "all") and proxy_codes is None:
             _, stage1 = daph.run_stage1(cfg, resume=args.resume)
