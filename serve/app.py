@@ -285,7 +285,7 @@ class IndexShards:
         logger.info("%s group %d/%d: build %s, %d of %d shards, %d items", self.modality, self.group,
                     self.groups, manifest.build_id, len(mine), len(manifest.shards), new.ntotal)
 
-    async def search(self, codes: bytes, k: int) -> dict:
+    async def search(self, codes: bytes, k: int, flt: dict | None = None) -> dict:
         index = self.index  # one reference for the whole query: an upgrade cannot switch it mid-way
         if index.threads == 1:
             # One search thread (a replica of one CPU or less; Serve's default is one): the scan
@@ -293,23 +293,32 @@ class IndexShards:
             # worker thread, which only adds a hop when the scans take turns on one CPU anyway:
             # ~1 ms of a 15 ms query over 10M codes on a 2-core node (docs/BENCHMARKS.md,
             # "Serving"). Queries beyond the running one wait in Serve's queue meanwhile.
-            return self._search(index, codes, k)
+            return self._search(index, codes, k, flt)
         # More CPUs (ShardedIndex takes Ray's OMP_NUM_THREADS, the replica's num_cpus): each query
         # scans in a worker thread, so that as many run at once.
-        return await asyncio.to_thread(self._search, index, codes, k)
+        return await asyncio.to_thread(self._search, index, codes, k, flt)
 
-    def _search(self, index, codes: bytes, k: int) -> dict:
+    def _search(self, index, codes: bytes, k: int, flt: dict | None = None) -> dict:
+        from dcgh_dist.index.filters import SearchFilter
+
         q = np.frombuffer(codes, dtype=np.uint8).reshape(1, -1)
+        try:
+            search_filter = SearchFilter.of(**flt) if flt else None
+            if search_filter is not None:
+                search_filter.check(index.num_classes, "this index")
+        except ValueError as e:  # the client's filter: answered as such, the replica serves on
+            return {"error": str(e), "build_id": index.manifest.build_id, "group": self.group}
         if index.ntotal == 0:
             return {"distances": [], "ids": [], "build_id": index.manifest.build_id, "group": self.group}
-        D, I = index.search_stable(q, min(k, index.ntotal))
+        D, I = index.search_stable(q, min(k, index.ntotal), filter=search_filter)
         keep = I[0] >= 0
         return {"distances": D[0][keep].tolist(), "ids": I[0][keep].tolist(),
                 "build_id": index.manifest.build_id, "group": self.group}
 
     def info(self) -> dict:
         m = self.index.manifest
-        return {"ntotal": self.index.ntotal, "build_id": m.build_id, "bits": m.bits,
+        return {"ntotal": self.index.ntotal, "build_id": m.build_id, "version": m.version,
+                "num_classes": m.num_classes, "bits": m.bits,
                 "model_fingerprint": m.model_fingerprint, "threads": self.index.threads}
 
 
@@ -341,6 +350,20 @@ class ItemLookup:
 # HTTP API
 
 
+MAX_FILTER_IDS = 100_000
+
+
+class SearchFilterBody(BaseModel):
+    """Which items may be returned: labels including any of ``labels_any``, all of ``labels_all``
+    (0-based class indices; needs an index built with --labels), ids in ``ids``. Every part given
+    must hold."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    labels_any: list[int] | None = None
+    labels_all: list[int] | None = None
+    ids: list[int] | None = None
+
+
 class SearchRequest(BaseModel):
     """Exactly one of ``text``, ``image`` (base64 of encoded image bytes) or ``id`` (with
     ``modality``: which item of that id)."""
@@ -352,6 +375,7 @@ class SearchRequest(BaseModel):
     modality: Literal["image", "text"] | None = None
     k: int = 10
     target: Literal["image", "text"] | None = None  # default: the other modality
+    filter: SearchFilterBody | None = None
 
 
 class SearchResult(BaseModel):
@@ -468,20 +492,23 @@ class Frontend:
             raise ApiError(422, modality, error.split(": ", 1)[-1] if ": row id" in error else error)
         return codes
 
-    async def _search(self, codes: bytes, target: str, k: int) -> list[tuple[int, int]]:
+    async def _search(self, codes: bytes, target: str, k: int, flt: dict | None = None) -> list[tuple[int, int]]:
         handles = self.groups[target]
-        replies = await asyncio.gather(*(h.search.remote(codes, k) for h in handles), return_exceptions=True)
+        replies = await asyncio.gather(*(h.search.remote(codes, k, flt) for h in handles), return_exceptions=True)
         failed = [g for g, r in enumerate(replies) if isinstance(r, BaseException)]
         if failed:
             for g in failed:
                 logger.warning("%s index group %d failed: %r", target, g, replies[g])
             raise ApiError(503, None, f"{target} index shard group(s) {failed} of {len(handles)} did not answer; "
                                       "results would be incomplete")
+        refused = [r["error"] for r in replies if "error" in r]
+        if refused:
+            raise ApiError(422, "filter", refused[0])
         merged = sorted((d, i) for r in replies for d, i in zip(r["distances"], r["ids"]))
         return merged[:k]
 
-    async def _answer(self, codes: bytes, target: str, k: int, t0: float) -> dict:
-        hits = await self._search(codes, target, k)
+    async def _answer(self, codes: bytes, target: str, k: int, t0: float, flt: dict | None = None) -> dict:
+        hits = await self._search(codes, target, k, flt)
         results = []
         captions = await self.items.captions.remote([i for _, i in hits]) if self.items else [None] * len(hits)
         for (d, i), cap in zip(hits, captions):
@@ -516,6 +543,11 @@ class Frontend:
         if len(given) != 1:
             raise ApiError(422, None, f"give exactly one of text, image, id (got {given or 'none'})")
         k = self._k(req.k)
+        flt = None
+        if req.filter is not None:
+            flt = req.filter.model_dump(exclude_none=True) or None
+            if len(flt.get("ids") or ()) > MAX_FILTER_IDS:
+                raise ApiError(413, "filter", f"filter ids: {len(flt['ids'])} ids, more than the {MAX_FILTER_IDS} allowed")
         if req.text is not None:
             if not req.text.strip():
                 raise ApiError(422, "text", "text is empty")
@@ -543,7 +575,7 @@ class Frontend:
                 raise ApiError(404, "id", f"no {req.modality} item with id {req.id}")
             target = self._target(req.target, req.modality)
             codes = await self._codes(req.modality, raw)
-        return await self._answer(codes, target, k, t0)
+        return await self._answer(codes, target, k, t0, flt)
 
     @api.post("/search/image", response_model=SearchResponse)
     async def search_image(self, file: UploadFile = File(...), k: int = Form(10),
@@ -600,6 +632,8 @@ class Frontend:
         for m, handles in self.groups.items():
             parts = await asyncio.gather(*(h.info.remote() for h in handles))
             indexes[m] = {"size": sum(p["ntotal"] for p in parts), "build_id": sorted({p["build_id"] for p in parts}),
+                          "version": sorted({p["version"] for p in parts}),
+                          "labels": sorted({p["num_classes"] is not None for p in parts}) == [True],
                           "groups": len(parts)}
         return {"model": self.s["fingerprint"], "bits": self.s["bits"], "indexes": indexes,
                 "max_k": self.s["max_k"], "dataset": self.items is not None}

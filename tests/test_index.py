@@ -690,8 +690,8 @@ def test_parallel_open_equals_sequential(code_dir, built, t):
     _, ids, codes = code_dir
     one = ShardedIndex.open(built[t], threads=1)
     many = ShardedIndex.open(built[t], threads=3)
-    assert len(one._indexes) == len(many._indexes) == 3
-    for a, b in zip(one._indexes, many._indexes):  # the same shards, in the manifest's order
+    assert len(one._shards()) == len(many._shards()) == 3
+    for a, b in zip(one._shards(), many._shards()):  # the same shards, in the manifest's order
         assert np.array_equal(faiss.serialize_index_binary(a), faiss.serialize_index_binary(b))
     q = queries()
     for x, y in zip(one.search(q, 10), many.search(q, 10)):

@@ -18,6 +18,7 @@ another build wrote meanwhile.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ from dcgh_dist.index.manifest import (
     check_build_id,
     manifest_location,
     read_manifest,
+    version_manifest_name,
     write_manifest,
 )
 
@@ -268,26 +270,37 @@ def build_shard(
     trained: bytes | None = None,
     s3_endpoint: str | None = None,
     threads: int | None = None,
+    labels: "LabelTable | None" = None,
 ) -> ShardEntry:
     """Read one shard's codes, build its index, write it to ``out_uri``; return its entry.
 
     ``threads``: FAISS's OpenMP threads for this build (a Ray task's CPUs); None: the caller's.
+    ``labels``: the dataset's labels, written beside the shard for filtered search.
     """
+    ids, codes = read_slices(uri, slices, s3_endpoint)
+    if codes.shape[1] * 8 != bits:
+        raise ValueError(f"{slices[0][0]}: codes are {codes.shape[1] * 8} bits, expected {bits}")
+    return write_shard(ids, codes, bits, cfg, out_uri, rel_uri, trained=trained, s3_endpoint=s3_endpoint,
+                       threads=threads, labels=labels, where=str([s[0] for s in slices]))
+
+
+def write_shard(
+    ids: np.ndarray, codes: np.ndarray, bits: int, cfg: IndexConfig, out_uri: str, rel_uri: str, *,
+    trained: bytes | None = None, s3_endpoint: str | None = None, threads: int | None = None,
+    labels: "LabelTable | np.ndarray | None" = None, where: str = "",
+) -> ShardEntry:
+    """Index ``(ids, codes)`` (any order; sorted here) as one shard at ``out_uri``, with its labels
+    file beside it when ``labels`` is given (a :class:`LabelTable` to look the ids up in, or the
+    packed rows of ``ids`` themselves)."""
     import hashlib
 
     import faiss
 
-    ids, codes = read_slices(uri, slices, s3_endpoint)
-    if codes.shape[1] * 8 != bits:
-        raise ValueError(f"{slices[0][0]}: codes are {codes.shape[1] * 8} bits, expected {bits}")
     order = np.argsort(ids, kind="stable")
-    ids, codes = ids[order], np.ascontiguousarray(codes[order])
+    ids, codes = np.asarray(ids, np.int64)[order], np.ascontiguousarray(codes[order])
     dup = np.flatnonzero(ids[1:] == ids[:-1])
     if dup.size:
-        raise ValueError(
-            f"id {ids[dup[0]]} appears more than once in the code shards {[s[0] for s in slices]}; "
-            "ids must be unique"
-        )
+        raise ValueError(f"id {ids[dup[0]]} appears more than once in the code shards {where}; ids must be unique")
     n = len(ids)
     contiguous = n > 0 and int(ids[-1]) - int(ids[0]) + 1 == n
     # IVF keeps ids in its inverted lists anyway; flat/multihash skip 8 bytes/item when the ids
@@ -304,15 +317,90 @@ def build_shard(
     digest = hashlib.sha256(memoryview(blob)).hexdigest()
     fs, path = resolve_filesystem(out_uri, s3_endpoint)
     write_bytes_atomic(fs, path, memoryview(blob))
-    return ShardEntry(
+    entry = ShardEntry(
         uri=rel_uri, rows=n, id_min=int(ids[0]) if n else 0, id_max=int(ids[-1]) if n else -1,
         id_layout=layout, id_offset=int(ids[0]) if layout == "offset" else None,
         sha256=digest, bytes=int(blob.size),
     )
+    if labels is not None:
+        rows = labels.rows_of(ids, where) if isinstance(labels, LabelTable) else np.asarray(labels)[order]
+        entry.labels = write_side_file(side_uri(out_uri, "labels"), side_uri(rel_uri, "labels"), rows, s3_endpoint)
+    return entry
+
+
+def side_uri(shard_uri: str, kind: str) -> str:
+    """``.../shard-00003.faissindex`` -> ``.../<kind>-00003.npy`` (tombstones, labels)."""
+    head, name = shard_uri.rsplit("/", 1)
+    return f"{head}/{kind}-{name.removeprefix('shard-').removesuffix(SHARD_SUFFIX)}.npy"
+
+
+def write_side_file(uri: str, rel_uri: str, array: np.ndarray, s3_endpoint: str | None, **fields) -> dict:
+    """Write ``array`` as a .npy beside a shard; its manifest record (uri, sha256, bytes, ...)."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    data = buf.getvalue()
+    fs, path = resolve_filesystem(uri, s3_endpoint)
+    write_bytes_atomic(fs, path, data)
+    return {"uri": rel_uri, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **fields}
+
+
+@dataclass
+class LabelTable:
+    """A dataset's labels by id: sorted ids and their packed multi-hot rows (``np.packbits``, class
+    c is bit c). What a filtered search tests; read once by the build's driver."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    num_classes: int
+    uri: str = ""
+
+    @classmethod
+    def read(cls, dataset_uri: str, s3_endpoint: str | None = None) -> "LabelTable":
+        from dcgh_dist.data.format import labels_multihot, read_dataset_info
+
+        info = read_dataset_info(dataset_uri, s3_endpoint)
+        fs, _ = resolve_filesystem(dataset_uri, s3_endpoint)
+        ids, rows = [], []
+        for path in list_data_files(dataset_uri, s3_endpoint):
+            t = pq.read_table(path, filesystem=fs, columns=["id", "labels"])
+            ids.append(t.column("id").to_numpy().astype(np.int64))
+            rows.append(np.packbits(labels_multihot(t.column("labels"), info.num_classes, np.bool_), axis=1))
+        ids_a, rows_a = np.concatenate(ids), np.concatenate(rows)
+        order = np.argsort(ids_a, kind="stable")
+        return cls(ids_a[order], rows_a[order], info.num_classes, dataset_uri)
+
+    def rows_of(self, ids: np.ndarray, where: str = "") -> np.ndarray:
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(0, len(self.ids) - 1))
+        missing = np.flatnonzero(self.ids[pos] != ids) if len(self.ids) else np.arange(len(ids))
+        if missing.size:
+            raise ValueError(f"{where}: id {int(ids[missing[0]])} (and {missing.size - 1} more) has codes but no "
+                             f"row in the labels dataset {self.uri}; pass the dataset the codes were encoded from")
+        return self.rows[pos]
 
 
 def _build_shard_task(*args, **kwargs) -> ShardEntry:
     return build_shard(*args, **kwargs)
+
+
+def new_build_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+@contextlib.contextmanager
+def index_lock(man_uri: str, build_id: str, s3_endpoint: str | None) -> Iterator[None]:
+    """The build lock of the index at ``man_uri`` (local filesystems; elsewhere the commit's
+    re-read of the manifest is the only guard)."""
+    base = man_uri.rsplit("/", 1)[0]
+    fs, base_path = resolve_filesystem(base, s3_endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with build_lock(base_path, build_id, base):
+            yield
+    else:
+        logger.info("%s: no build lock on this filesystem; the manifest is checked before commit", base)
+        yield
 
 
 def build_index(
@@ -324,34 +412,51 @@ def build_index(
     config: dict[str, Any] | None = None,
     s3_endpoint: str | None = None,
     use_ray: bool = True,
+    append: bool = False,
+    labels_uri: str | None = None,
 ) -> IndexManifest:
     """Build the sharded index of the code shards under ``codes_uri`` into ``output_uri``.
 
     ``expected_fingerprint`` (from ``--checkpoint``) must match the shards' own fingerprint when
-    they carry one; shards without metadata take it as theirs. Returns the written manifest.
-    Refuses (``BuildConflictError``) to run while another build holds the output's lock, and to
-    commit when another build wrote the manifest while this one ran.
+    they carry one; shards without metadata take it as theirs. ``append``: add the codes to the
+    index already at ``output_uri`` as new shards (its type, parameters, IVF quantizer and model;
+    the existing shards are not touched), refusing ids it already holds live. ``labels_uri``: a
+    dataset whose ``labels`` column is stored beside each new shard, for label-filtered search.
+    Returns the written manifest. Refuses (``BuildConflictError``) to run while another build
+    holds the output's lock, and to commit when another build wrote the manifest while this one
+    ran.
     """
-    build_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    build_id = new_build_id()
     man_uri = manifest_location(output_uri)
-    base = man_uri.rsplit("/", 1)[0]
-    fs, base_path = resolve_filesystem(base, s3_endpoint)
-    if isinstance(fs, pafs.LocalFileSystem):
-        lock = build_lock(base_path, build_id, base)
-    else:
-        logger.info("%s: no build lock on this filesystem; the manifest is checked before commit", base)
-        lock = contextlib.nullcontext()
-    with lock:
+    with index_lock(man_uri, build_id, s3_endpoint):
         return _build_locked(codes_uri, man_uri, build_id, cfg, expected_fingerprint=expected_fingerprint,
-                             config=config, s3_endpoint=s3_endpoint, use_ray=use_ray)
+                             config=config, s3_endpoint=s3_endpoint, use_ray=use_ray, append=append,
+                             labels_uri=labels_uri)
 
 
-def _read_current(man_uri: str, s3_endpoint: str | None) -> IndexManifest | None:
-    """The manifest now at ``man_uri``, None where there is none (ManifestError if unreadable)."""
+def read_current(man_uri: str, s3_endpoint: str | None, *, required: bool = False) -> IndexManifest | None:
+    """The manifest now at ``man_uri``, None where there is none (ManifestError if unreadable, or
+    if ``required`` and there is none)."""
     fs, path = resolve_filesystem(man_uri, s3_endpoint)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        if required:
+            raise ManifestError(f"{man_uri}: no index there to change; build one first with "
+                                "jobs/build_index.py --codes ... --output ...")
         return None
     return read_manifest(man_uri, s3_endpoint)
+
+
+def trained_quantizer(man_uri: str, manifest: IndexManifest, s3_endpoint: str | None) -> bytes:
+    """An empty IVF index with the index's trained quantizer: what new shards of it start from
+    (every shard of a build shares one quantizer, so any shard gives it)."""
+    import faiss
+
+    from dcgh_dist.index.search import ShardedIndex
+
+    with ShardedIndex.open(man_uri, s3_endpoint=s3_endpoint, shards=[0], mmap=False, verify="always") as one:
+        ix = faiss.deserialize_index_binary(faiss.serialize_index_binary(one._shards()[0]))
+    ix.reset()
+    return faiss.serialize_index_binary(ix).tobytes()
 
 
 def _build_locked(
@@ -364,12 +469,16 @@ def _build_locked(
     config: dict[str, Any] | None,
     s3_endpoint: str | None,
     use_ray: bool,
+    append: bool = False,
+    labels_uri: str | None = None,
 ) -> IndexManifest:
     t0 = time.time()
     base = man_uri.rsplit("/", 1)[0]
     try:
-        previous = _read_current(man_uri, s3_endpoint)
+        previous = read_current(man_uri, s3_endpoint, required=append)
     except ManifestError as e:
+        if append:
+            raise
         # Replacing it would lose track of the shards it names, and trust nothing it says.
         raise ManifestError(
             f"{e}. A rebuild would replace this manifest: fix or remove it (and the shards it "
@@ -386,32 +495,53 @@ def _build_locked(
                 f"{expected_fingerprint}; re-encode with that checkpoint or drop --checkpoint"
             )
         fingerprint = expected_fingerprint
+    bits = source.bits
+    labels = LabelTable.read(labels_uri, s3_endpoint) if labels_uri else None
+    if append:
+        if bits != previous.bits:
+            raise ManifestError(f"{codes_uri}: {bits}-bit codes cannot be appended to {man_uri}, which holds "
+                                f"{previous.bits}-bit codes")
+        if previous.model_fingerprint is not None and fingerprint != previous.model_fingerprint:
+            raise ManifestError(f"{codes_uri}: codes of model {fingerprint} cannot be appended to {man_uri}, "
+                                f"built from model {previous.model_fingerprint}: re-encode with that model, "
+                                "or build a new index")
+        if (previous.num_classes is not None) != (labels is not None) or (
+                labels is not None and labels.num_classes != previous.num_classes):
+            have = f"labels of {previous.num_classes} classes" if previous.num_classes else "no labels"
+            raise ValueError(f"{man_uri}: the index carries {have}; append with "
+                             + (f"--labels DATASET of {previous.num_classes} classes" if previous.num_classes
+                                else "no --labels (or rebuild the whole index with --labels)"))
+        # The index's own type, parameters and quantizer; how this append cuts shards is the caller's.
+        cfg = dataclasses.replace(previous.index, shard_size=cfg.shard_size, task_cpus=cfg.task_cpus,
+                                  keep_builds=cfg.keep_builds)
     if fingerprint is None:
         logger.warning("%s: codes carry no model fingerprint; the manifest will not pin a model", codes_uri)
-    bits = source.bits
     if cfg.index_type == "multihash":
         cfg.multihash_params(bits)  # fail before any work if they don't fit
 
     trained = None
     if cfg.index_type == "ivf":
-        n_train = min(source.num_rows, cfg.train_size or 64 * cfg.nlist)
-        sample = sample_codes(codes_uri, source, n_train, cfg.seed, s3_endpoint)
-        trained = train_ivf(sample, bits, cfg)
+        if append:
+            trained = trained_quantizer(man_uri, previous, s3_endpoint)
+        else:
+            n_train = min(source.num_rows, cfg.train_size or 64 * cfg.nlist)
+            sample = sample_codes(codes_uri, source, n_train, cfg.seed, s3_endpoint)
+            trained = train_ivf(sample, bits, cfg)
 
     plan = plan_shards(source.files, cfg.shard_size)
     rels = [f"shards/{build_id}/shard-{i:05d}{SHARD_SUFFIX}" for i in range(len(plan))]
-    logger.info("building %d %s shard(s) of <= %d codes (%d bits) from %d rows",
+    logger.info("%s %d %s shard(s) of <= %d codes (%d bits) from %d rows", "appending" if append else "building",
                 len(plan), cfg.index_type, cfg.shard_size, bits, source.num_rows)
     threads = max(1, int(cfg.task_cpus))
     args = [(codes_uri, sl, bits, cfg, join(base, rel), rel) for sl, rel in zip(plan, rels)]
     # task_cpus sizes Ray tasks; an in-process build keeps the process's own FAISS threads.
-    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads if use_ray else None)
+    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads if use_ray else None, labels=labels)
     if use_ray:
         import ray
 
         task = ray.remote(num_cpus=cfg.task_cpus, max_retries=2)(_build_shard_task)
-        trained_ref = ray.put(trained) if trained is not None else None
-        refs = [task.remote(*a, **{**kw, "trained": trained_ref}) for a in args]
+        shared = {name: ray.put(kw[name]) for name in ("trained", "labels") if kw[name] is not None}
+        refs = [task.remote(*a, **{**kw, **shared}) for a in args]
         entries = []
         pending = list(refs)
         while pending:
@@ -424,19 +554,56 @@ def _build_locked(
         entries = [build_shard(*a, **kw) for a in args]
 
     _check_ids_unique_across(codes_uri, plan, entries, s3_endpoint)
-    chain = [build_id, *(b for b in (previous.retained_builds if previous else []) if b != build_id)]
+    if append:
+        _check_ids_are_new(man_uri, previous, codes_uri, plan, entries, s3_endpoint)
     manifest = IndexManifest(
-        bits=bits, index=cfg, shards=entries, model_fingerprint=fingerprint,
-        modality=source.modality, config=config if config is not None else source.config,
-        codes_uri=codes_uri, build_id=build_id, retained_builds=chain[:cfg.keep_builds],
-        extra={"build_seconds": round(time.time() - t0, 3)},
+        bits=bits, index=cfg, shards=(previous.shards if append else []) + entries,
+        model_fingerprint=fingerprint if not append else previous.model_fingerprint,
+        modality=source.modality if not append else previous.modality,
+        config=config if config is not None else (previous.config if append else source.config),
+        codes_uri=codes_uri, build_id=build_id, operation="append" if append else "build",
+        num_classes=labels.num_classes if labels else None,
+        extra={"build_seconds": round(time.time() - t0, 3), "added": source.num_rows},
     )
+    return commit(man_uri, previous, manifest, s3_endpoint, t0)
+
+
+def commit(man_uri: str, previous: IndexManifest | None, manifest: IndexManifest, s3_endpoint: str | None,
+           t0: float) -> IndexManifest:
+    """Make ``manifest`` the index's current version: number it, keep the ``keep_builds`` newest
+    versions readable, write its immutable copy and then ``manifest.json``, and delete the
+    directories (and version copies) no kept version reads."""
+    base = man_uri.rsplit("/", 1)[0]
+    build_id, keep = manifest.build_id, manifest.index.keep_builds
+    manifest.version = previous.version + 1 if previous else 1
+    manifest.parent = previous.build_id if previous else ""
+    if previous is None:
+        earlier: list[dict] = []
+    elif previous.versions:
+        earlier = previous.versions
+    else:  # manifests from before versions: each retained build read its own directory
+        earlier = [{"build_id": b, "version": None, "dirs": [b], "manifest": version_manifest_name(b)}
+                   for b in previous.retained_builds]
+    mine = {"build_id": build_id, "version": manifest.version, "dirs": manifest.dirs(),
+            "manifest": version_manifest_name(build_id)}
+    chain = [mine, *(v for v in earlier if v["build_id"] != build_id)]
+    kept, dropped = chain[:keep], chain[keep:]
+    kept_dirs = [build_id]
+    for v in kept:
+        kept_dirs += [d for d in v["dirs"] if d not in kept_dirs]
+    manifest.versions, manifest.retained_builds = kept, kept_dirs
+    known = [d for v in dropped for d in v["dirs"]] + (previous.retained_builds if previous else [])
     _check_unchanged(man_uri, previous, build_id, s3_endpoint)
+    write_manifest(join(base, version_manifest_name(build_id)), manifest, s3_endpoint)
     write_manifest(man_uri, manifest, s3_endpoint)
-    for old in chain[cfg.keep_builds:]:
+    for old in dict.fromkeys(d for d in known if d not in kept_dirs):
         _remove_build(base, old, s3_endpoint)
-    logger.info("wrote %s: %d shards, %d codes, %.1fs", man_uri, len(entries), manifest.num_items,
-                time.time() - t0)
+    for v in dropped:
+        fs, path = resolve_filesystem(join(base, version_manifest_name(v["build_id"])), s3_endpoint)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+    logger.info("wrote %s (version %d, %s): %d shards, %d codes, %d live, %.1fs", man_uri, manifest.version,
+                manifest.operation, len(manifest.shards), manifest.num_items, manifest.num_live, time.time() - t0)
     return manifest
 
 
@@ -446,7 +613,7 @@ def _check_unchanged(
     """Refuse to commit over a manifest another build wrote while this one ran (the only guard
     where there is no lock, S3; a second one where there is)."""
     try:
-        current = _read_current(man_uri, s3_endpoint)
+        current = read_current(man_uri, s3_endpoint)
     except ManifestError as e:
         raise BuildConflictError(
             f"{man_uri}: the manifest changed while build {build_id} ran and cannot be read now "
@@ -488,3 +655,23 @@ def _check_ids_unique_across(
     ids = np.concatenate([read_slices(uri, plan[i], s3_endpoint, columns=("id",))[0] for i in overlapping])
     if dup := first_duplicate(ids):
         raise ValueError(f"{uri}: id {dup[0]} appears {dup[1]} times in the code shards; ids must be unique")
+
+
+def _check_ids_are_new(man_uri: str, previous: IndexManifest, uri: str, plan: list, entries: list[ShardEntry],
+                       s3_endpoint: str | None) -> None:
+    """Appended ids must not be live in the index already (a deleted id may come back: its old
+    code stays hidden by its shard's tombstones). Only shards whose id ranges overlap are read."""
+    from dcgh_dist.index.search import ShardedIndex
+
+    old = [i for i, e in enumerate(previous.shards) if e.rows and any(
+        n.rows and n.id_min <= e.id_max and e.id_min <= n.id_max for n in entries)]
+    if not old:
+        return
+    new_ids = np.concatenate([read_slices(uri, sl, s3_endpoint, columns=("id",))[0] for sl in plan])
+    with ShardedIndex.open(man_uri, s3_endpoint=s3_endpoint, shards=old, verify="never") as index:
+        for j, i in enumerate(old):
+            clash = np.intersect1d(index.ids(j), new_ids)
+            if clash.size:
+                raise ValueError(
+                    f"{uri}: id {int(clash[0])} ({clash.size} in all) is already in {man_uri} (shard {i}); "
+                    "ids must be unique. To replace items, delete them first (--delete), then append")

@@ -13,14 +13,32 @@ names. Layout (``format = dcgh-dist-index-v1``)::
       "modality": "image",
       "config": {...},                           # the checkpoint's Config tree (or null)
       "codes_uri": "...", "build_id": "...", "created": "2025-...Z",
-      "retained_builds": ["<build_id>", "<previous build_id>"],   # newest first, see below
+      "version": 3, "parent": "<previous build_id>",   # every commit is a new version
+      "operation": "append",                          # build | append | delete | compact
+      "num_live": 999000,                             # num_items less the deleted ones
+      "num_classes": 80,                              # where the shards carry labels (or null)
+      "retained_builds": ["<build_id>", "<older build_id>"],   # directories that may exist
+      "versions": [                                   # the versions kept readable, newest first
+        {"build_id": "<build_id>", "version": 3, "dirs": ["<build_id>", ...],
+         "manifest": "manifest-<build_id>.json"}, ...],
       "shards": [
         {"uri": "shards/<build_id>/shard-00000.faissindex",   # relative: to the manifest's dir
          "rows": 250000, "id_min": 0, "id_max": 249999,
          "id_layout": "offset", "id_offset": 0,               # or "ids": the index holds the ids
-         "sha256": "...", "bytes": 2000045}
+         "sha256": "...", "bytes": 2000045,
+         "tombstones": {"uri": "shards/<id>/tombstones-00000.npy", "count": 1000,
+                        "sha256": "...", "bytes": 8128},      # deleted ids (or null)
+         "labels": {"uri": "shards/<id>/labels-00000.npy", "sha256": "...", "bytes": 2500128}}
       ]
     }
+
+Versions (docs/INDEX.md, "A live index"): a build, an append (new shards beside the old ones), a
+delete (a new tombstone file for each shard that holds a deleted id; the shard itself is not
+touched) and a compaction (shards with tombstones or below ``shard_size`` rewritten as full
+ones) each commit a new manifest. Every version is also written as ``manifest-<build_id>.json``
+beside ``manifest.json`` and never changed after, so a server pointed at it keeps reading that
+version, and ``versions`` lists the ``keep_builds`` newest versions with the shard directories
+each one reads: a commit deletes the directories no kept version reads, and nothing else.
 
 ``id_layout = "offset"``: the shard's ids are exactly ``id_offset .. id_offset + rows - 1`` in the
 order the codes were added, so the bare FAISS index is stored (8 bytes per 64-bit code) and the
@@ -56,6 +74,7 @@ ID_LAYOUTS = ("offset", "ids")
 # One path component that cannot climb out of ``shards/`` ("." and ".." start with a dot).
 _BUILD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+OPERATIONS = ("build", "append", "delete", "compact")
 
 
 class ManifestError(ValueError):
@@ -100,6 +119,11 @@ def check_sha256(value: Any, where: str) -> str:
     return value
 
 
+def version_manifest_name(build_id: str) -> str:
+    """The immutable copy of the manifest a commit wrote, beside ``manifest.json``."""
+    return f"manifest-{build_id}.json"
+
+
 @dataclass
 class ShardEntry:
     uri: str
@@ -110,6 +134,23 @@ class ShardEntry:
     id_offset: int | None
     sha256: str
     bytes: int
+    # Side files, each {"uri", "sha256", "bytes", ...}: the shard's deleted ids (a sorted int64
+    # .npy, "count" of them) and its labels (a uint8 .npy of packed multi-hot rows in id order).
+    tombstones: dict | None = None
+    labels: dict | None = None
+
+    @property
+    def deleted(self) -> int:
+        return int(self.tombstones["count"]) if self.tombstones else 0
+
+    def side_files(self) -> list[dict]:
+        return [f for f in (self.tombstones, self.labels) if f]
+
+
+def shard_dir(uri: str) -> str | None:
+    """The build directory a file of the index lives in (``shards/<build_id>/...``), or None."""
+    parts = uri.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] == "shards" else None
 
 
 @dataclass
@@ -127,10 +168,36 @@ class IndexManifest:
     # Builds of this index whose shards/<id>/ directories may still exist, newest (build_id)
     # first: what the next rebuild may delete, and nothing else.
     retained_builds: list[str] = field(default_factory=list)
+    version: int = 1
+    parent: str = ""  # the build_id of the version this one was made from ("" for a first build)
+    operation: str = "build"
+    num_classes: int | None = None  # the width of the shards' labels, where they carry them
+    # The versions kept readable, newest first: {"build_id", "version", "dirs", "manifest"}.
+    versions: list[dict] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
+        """Codes stored, deleted ones included (what the shard files hold)."""
         return sum(s.rows for s in self.shards)
+
+    @property
+    def num_deleted(self) -> int:
+        return sum(s.deleted for s in self.shards)
+
+    @property
+    def num_live(self) -> int:
+        """Codes a search can return."""
+        return self.num_items - self.num_deleted
+
+    def dirs(self) -> list[str]:
+        """The build directories this version reads, in shard order."""
+        out: list[str] = []
+        for s in self.shards:
+            for uri in [s.uri] + [f["uri"] for f in s.side_files()]:
+                d = shard_dir(uri)
+                if d and d not in out:
+                    out.append(d)
+        return out
 
     @property
     def exact(self) -> bool:
@@ -145,6 +212,11 @@ class IndexManifest:
                 "index": asdict(self.index),
                 "exact": self.exact,
                 "num_items": self.num_items,
+                "num_live": self.num_live,
+                "num_classes": self.num_classes,
+                "version": self.version,
+                "parent": self.parent,
+                "operation": self.operation,
                 "model_fingerprint": self.model_fingerprint,
                 "modality": self.modality,
                 "config": self.config,
@@ -153,6 +225,7 @@ class IndexManifest:
                 "created": self.created,
                 "extra": self.extra,
                 "retained_builds": self.retained_builds,
+                "versions": self.versions,
                 "shards": [asdict(s) for s in self.shards],
             },
             indent=2,
@@ -179,7 +252,9 @@ class IndexManifest:
                 model_fingerprint=d.get("model_fingerprint"), modality=d.get("modality"),
                 config=d.get("config"), codes_uri=d.get("codes_uri", ""),
                 build_id=d.get("build_id", ""), created=d.get("created", ""),
-                extra=d.get("extra", {}),
+                extra=d.get("extra", {}), version=int(d.get("version", 1)), parent=d.get("parent", ""),
+                operation=d.get("operation", "build"), num_classes=d.get("num_classes"),
+                versions=d.get("versions", []),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed manifest ({e})") from e
@@ -192,6 +267,31 @@ class IndexManifest:
                 raise ManifestError(
                     f"{where}: shard {i}: id_layout {s.id_layout!r} is not one of {list(ID_LAYOUTS)}"
                 )
+            for name in ("tombstones", "labels"):
+                side = getattr(s, name)
+                if side is None:
+                    continue
+                if not isinstance(side, dict) or not {"uri", "sha256", "bytes"} <= set(side):
+                    raise ManifestError(f"{where}: shard {i}: {name} {side!r} needs uri, sha256 and bytes")
+                check_relative_uri(side["uri"], where, f"shard {i} {name} uri")
+                check_sha256(side["sha256"], f"{where}: shard {i} {name}")
+            if s.tombstones is not None and not 0 <= s.deleted <= s.rows:
+                raise ManifestError(f"{where}: shard {i}: {s.deleted} tombstones for {s.rows} rows")
+        if m.operation not in OPERATIONS:
+            raise ManifestError(f"{where}: operation {m.operation!r} is not one of {list(OPERATIONS)}")
+        if m.parent:
+            check_build_id(m.parent, where, "parent")
+        if not isinstance(m.versions, list):
+            raise ManifestError(f"{where}: versions {m.versions!r} is not a list")
+        for v in m.versions:
+            if not isinstance(v, dict) or not isinstance(v.get("dirs"), list):
+                raise ManifestError(f"{where}: versions entry {v!r} needs build_id, dirs and manifest")
+            check_build_id(v.get("build_id"), where, "versions entry build_id")
+            for b in v["dirs"]:
+                check_build_id(b, where, "versions entry dir")
+            if v.get("manifest") != version_manifest_name(v["build_id"]):
+                raise ManifestError(f"{where}: versions entry {v['build_id']}: manifest {v.get('manifest')!r} "
+                                    f"is not {version_manifest_name(v['build_id'])!r}")
         if m.build_id != "":
             check_build_id(m.build_id, where)
         if "retained_builds" in d:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from dcgh_dist.index.codes import as_packed
+from dcgh_dist.index.filters import SearchFilter, ShardView
 from dcgh_dist.index.manifest import (
     IndexManifest,
     ManifestError,
@@ -39,7 +40,7 @@ from dcgh_dist.index.manifest import (
     read_manifest,
     resolve_shard_uri,
 )
-from dcgh_dist.storage import resolve_filesystem, sha256_stream
+from dcgh_dist.storage import read_bytes, resolve_filesystem, sha256_stream
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ class _Shard(NamedTuple):
     index: object  # a faiss.IndexBinary
     mmapped: bool
     identity: dict | None  # the verified file, as "once" records it (None: not recorded)
+    view: ShardView  # its ids, tombstones and labels, for filtered searches
+
+
+# A filter that leaves at most 1/SELECTIVE of a shard's items is answered by an exact scan of
+# just those items (their codes gathered; cost ~ the items allowed); a broader one by FAISS's own
+# scan with a bitmap of what is allowed (flat), or by fetching more than k and dropping what is
+# not allowed (IVF and multihash, which take no selector in FAISS 1.15).
+SELECTIVE = 16
 
 
 class ShardedIndex:
@@ -90,7 +99,9 @@ class ShardedIndex:
         self.nprobe = nprobe
         self.threads = threads
         self.mmapped = [s.mmapped for s in shards]
-        self._indexes: list | None = [s.index for s in shards]  # None once closed
+        # (indexes, views); None once closed. A search reads it once: a close() meanwhile leaves
+        # the lists it holds alive.
+        self._open: tuple[list, list[ShardView]] | None = ([s.index for s in shards], [s.view for s in shards])
         self._pool = pool
         self._offsets = [s.id_offset if s.id_layout == "offset" else None for s in manifest.shards]
         # IVF range search takes nprobe only through the shard's attribute (see _range_one).
@@ -232,7 +243,7 @@ class ShardedIndex:
         """Release the shards (their memory and mappings go once no running search holds them)
         and the thread pool. Later searches raise :class:`IndexClosedError`; closing twice is
         fine."""
-        self._indexes = None
+        self._open = None
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> ShardedIndex:
@@ -241,29 +252,28 @@ class ShardedIndex:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def ids(self, shard: int) -> np.ndarray:
-        """The ids shard number ``shard`` holds: the manifest's range for an offset shard, else
-        read from the index (an id map's table, or an IVF index's inverted lists)."""
-        import faiss
+    def ids(self, shard: int, *, live: bool = True) -> np.ndarray:
+        """The ids shard number ``shard`` holds (``live``: less the deleted ones), in the order
+        the shard keeps them: the manifest's range for an offset shard, else read from the index
+        (an id map's table, or an IVF index's inverted lists)."""
+        self._shards()
+        view = self.view(shard)
+        ids = view.position_ids()
+        keep = view.live() if live else None
+        return ids if keep is None else ids[keep]
 
-        entry = self.manifest.shards[shard]
-        if entry.id_layout == "offset":
-            return np.arange(entry.id_offset, entry.id_offset + entry.rows, dtype=np.int64)
-        ix = self._shards()[shard]
-        if isinstance(ix, faiss.IndexBinaryIDMap):
-            return faiss.vector_to_array(ix.id_map).astype(np.int64)
-        if isinstance(ix, faiss.IndexBinaryIVF):
-            lists = ix.invlists
-            out = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                   for i in range(ix.nlist) if lists.list_size(i)]
-            return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
-        raise TypeError(f"cannot list the ids of a {type(ix).__name__}")
+    def _state(self) -> tuple[list, list[ShardView]]:
+        state = self._open
+        if state is None:
+            raise IndexClosedError(f"{self.uri}: this ShardedIndex was closed; open it again")
+        return state
 
     def _shards(self) -> list:
-        indexes = self._indexes  # one read: a close() meanwhile leaves this list alive
-        if indexes is None:
-            raise IndexClosedError(f"{self.uri}: this ShardedIndex was closed; open it again")
-        return indexes
+        return self._state()[0]
+
+    def view(self, shard: int) -> ShardView:
+        """Shard ``shard``'s ids, tombstones, labels and codes (:class:`ShardView`)."""
+        return self._state()[1][shard]
 
     def _in_pool(self, fn: Callable[[int], tuple], n: int) -> list:
         try:
@@ -281,7 +291,13 @@ class ShardedIndex:
 
     @property
     def ntotal(self) -> int:
-        return self.manifest.num_items
+        """Items a search can return (deleted ones are not counted)."""
+        return self.manifest.num_live
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes the shards' labels cover (None: no labels, no label filters)."""
+        return self.manifest.num_classes
 
     @property
     def exact(self) -> bool:
@@ -302,27 +318,43 @@ class ShardedIndex:
     # k-NN
 
     def search(
-        self, query_codes: np.ndarray, k: int, *, nprobe: int | None = None, batch_size: int = 4096
+        self, query_codes: np.ndarray, k: int, *, nprobe: int | None = None, batch_size: int = 4096,
+        filter: SearchFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top k over all shards: ``(distances int32 (nq, k), ids int64 (nq, k))``.
 
         ``query_codes``: packed uint8 (nq, bits/8), or (nq, bits) ±1 / relaxed / {0,1} codes.
         ``nprobe``: IVF lists probed by this call (default: :attr:`nprobe`); IVF indexes only.
+        ``filter``: only items it allows (:class:`~dcgh_dist.index.filters.SearchFilter`), with k
+        results wherever k exist; exact on flat indexes, and on any index where the filter is
+        selective (see ``SELECTIVE``). Deleted items are never returned, filter or not.
         """
         self._shards()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
+        masks = self._masks(filter)
         nq = len(q)
         D = np.empty((nq, k), dtype=np.int32)
         I = np.empty((nq, k), dtype=np.int64)
         for start in range(0, nq, batch_size):
             stop = min(nq, start + batch_size)
-            D[start:stop], I[start:stop] = self._search_batch(q[start:stop], k, nprobe)
+            D[start:stop], I[start:stop] = self._search_batch(q[start:stop], k, nprobe, masks)
         return D, I
 
-    def _search_batch(self, q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _masks(self, flt: SearchFilter | None) -> list[tuple[np.ndarray | None, int, ShardView]]:
+        """Per shard, (position mask of what may be returned or None for all, how many, its view)."""
+        if flt is not None:
+            flt.check(self.num_classes, self.uri)
+        out = []
+        for view in self._state()[1]:
+            mask = view.allowed(flt, self.num_classes)
+            out.append((mask, view.rows if mask is None else int(np.count_nonzero(mask)), view))
+        return out
+
+    def _search_batch(self, q: np.ndarray, k: int, nprobe: int | None,
+                      masks: list[tuple[np.ndarray | None, int, ShardView]]) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         indexes = self._shards()
@@ -331,6 +363,9 @@ class ShardedIndex:
         params = None if nprobe is None else faiss.SearchParametersIVF(nprobe=nprobe)
 
         def one(i: int):
+            allowed, n_allowed, view = masks[i]
+            if allowed is not None:
+                return self._search_masked(i, indexes[i], view, q, k, params, allowed, n_allowed)
             d, ix = indexes[i].search(q, k, params=params)
             return d, self._to_ids(i, ix)
 
@@ -347,6 +382,56 @@ class ShardedIndex:
         D, I = faiss.merge_knn_results(Dall, Iall)
         return D, I
 
+    def _search_masked(self, i: int, index, view: ShardView, q: np.ndarray, k: int, params,
+                       allowed: np.ndarray, n_allowed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top k of shard ``i`` among the positions ``allowed`` marks (tombstones, filters)."""
+        import faiss
+
+        nq, rows = len(q), view.rows
+        D = np.full((nq, k), _MISSING_DIST, dtype=np.int32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        if n_allowed == 0:
+            return D, I
+        flat = view.flat()
+        if n_allowed * SELECTIVE <= rows:
+            # Exact scan of the allowed items alone: cost ~ n_allowed, whatever the index type.
+            pos = np.flatnonzero(allowed)
+            kk = min(k, n_allowed)
+            d, p = faiss.knn_hamming(q, np.ascontiguousarray(view.codes()[pos]), kk)
+            D[:, :kk] = d
+            I[:, :kk] = view.position_ids()[pos[p]]
+            return D, I
+        if flat is not None:
+            # FAISS's scan, skipping what the bitmap (bit p: position p, little-endian) leaves out.
+            bitmap = np.packbits(allowed, bitorder="little")
+            sel = faiss.IDSelectorBitmap(rows, faiss.swig_ptr(bitmap))
+            d, p = flat.search(q, k, params=faiss.SearchParameters(sel=sel))
+            ok = p >= 0
+            D[ok], I[ok] = d[ok], view.position_ids()[p[ok]]
+            return D, I
+        # IVF / multihash: fetch more than k (what is left out is skipped afterwards), more again
+        # for the queries that still lack k, up to the whole shard.
+        left_out = rows - n_allowed
+        kk = min(rows, k + left_out if left_out <= 4096 else int(np.ceil(1.25 * k * rows / n_allowed)))
+        todo = np.arange(nq)
+        while True:
+            d, ids = index.search(q[todo], kk, params=params)
+            ids = self._to_ids(i, ids)
+            pos, found = view.positions_of(ids.ravel())
+            ok = (ids.ravel() >= 0) & found
+            ok[ok] = allowed[pos[ok]]
+            ok = ok.reshape(ids.shape)
+            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # the allowed ones, best first
+            got_ok = np.take_along_axis(ok, order, axis=1)
+            D[todo] = np.where(got_ok, np.take_along_axis(d, order, axis=1), _MISSING_DIST)
+            I[todo] = np.where(got_ok, np.take_along_axis(ids, order, axis=1), -1)
+            short = got_ok.sum(axis=1) < min(k, n_allowed)
+            # A short row whose fetch came back incomplete has seen all FAISS can find for it.
+            short &= (ids >= 0).all(axis=1)
+            if not short.any() or kk >= rows:
+                return D, I
+            todo, kk = todo[short], min(rows, kk * 4)
+
     def _to_ids(self, shard: int, positions: np.ndarray) -> np.ndarray:
         off = self._offsets[shard]
         if not off:
@@ -355,7 +440,7 @@ class ShardedIndex:
 
     def search_stable(
         self, query_codes: np.ndarray, k: int, *, nprobe: int | None = None, batch_size: int = 4096,
-        margin: int | None = None,
+        margin: int | None = None, filter: SearchFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top k ranked by (distance, id): deterministic whatever the sharding.
 
@@ -369,29 +454,34 @@ class ShardedIndex:
         self._shards()
         nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
-        k_eff = min(k, self.ntotal)
+        # What the search may return: every live item, or what the filter allows.
+        n_avail = self.ntotal if filter is None else sum(n for _, n, _ in self._masks(filter))
+        if n_avail == 0:
+            return (np.full((len(q), k), _MISSING_DIST, dtype=np.int32), np.full((len(q), k), -1, dtype=np.int64))
+        k_eff = min(k, n_avail)
         # A FAISS flat scan costs the same for k up to a few hundred (the heap is rarely
         # touched), and a range search is a second scan: fetch enough that ties at the k-th
         # distance rarely reach the end. 64: on 10M random 64-bit codes, a margin of 16 sent half the
         # k=10 queries to a range search, 64 none: 0.73x the p50 (benchmarks/bench_search_stable.py).
         margin = max(64, k_eff // 4) if margin is None else margin
-        k_fetch = min(self.ntotal, k_eff + margin)
-        D, I = self.search(q, k_fetch, nprobe=nprobe, batch_size=batch_size)
+        k_fetch = min(n_avail, k_eff + margin)
+        D, I = self.search(q, k_fetch, nprobe=nprobe, batch_size=batch_size, filter=filter)
         D, I = _sort_rows(D, I)
         out_D = np.full((len(q), k), _MISSING_DIST, dtype=np.int32)
         out_I = np.full((len(q), k), -1, dtype=np.int64)
         out_D[:, :k_eff], out_I[:, :k_eff] = D[:, :k_eff], I[:, :k_eff]
-        if k_fetch == self.ntotal:
+        if k_fetch == n_avail:
             return out_D, out_I  # everything was fetched: the sorted lists are complete
         dk = D[:, k_eff - 1]
-        redo = np.flatnonzero(D[:, -1] == dk)
+        # (A row that came back short, as a multihash k-NN beyond its radius can, is complete.)
+        redo = np.flatnonzero((D[:, -1] == dk) & (dk != _MISSING_DIST))
         if redo.size:
             logger.debug("search_stable: %d/%d queries need a range search for ties", redo.size, len(q))
             # One range search per distinct k-th distance, over the queries that share it.
             for radius in np.unique(dk[redo]):
                 rows = redo[dk[redo] == radius]
                 lims, rd, ri = self.range_search(q[rows], int(radius), nprobe=nprobe,
-                                                 batch_size=batch_size)
+                                                 batch_size=batch_size, filter=filter)
                 for j, r in enumerate(rows):
                     lo = lims[j]
                     out_D[r, :k_eff] = rd[lo:lo + k_eff]
@@ -403,7 +493,7 @@ class ShardedIndex:
 
     def range_search(
         self, query_codes: np.ndarray, radius: int, *, nprobe: int | None = None,
-        batch_size: int = 1024,
+        batch_size: int = 1024, filter: SearchFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every item within Hamming distance ``radius`` (inclusive) of each query.
 
@@ -422,6 +512,7 @@ class ShardedIndex:
                 "nhash * (nflip + 1) - 1); rebuild with a larger mh_nflip or use a flat index"
             )
         q = as_packed(query_codes, self.bits)
+        masks = self._masks(filter)
         lims_all, D_all, I_all = [np.zeros(1, dtype=np.int64)], [], []
         for start in range(0, len(q), batch_size):
             qb = q[start:start + batch_size]
@@ -431,9 +522,15 @@ class ShardedIndex:
                 # FAISS's binary range search keeps distance < radius: ask for radius + 1.
                 lims, d, i = self._range_one(s, ix, qb, radius + 1, nprobe)
                 counts = np.diff(lims.astype(np.int64))
-                qidx.append(np.repeat(np.arange(nqb), counts))
-                dists.append(d.astype(np.int32))
-                ids.append(self._to_ids(s, i.astype(np.int64)))
+                qi, d, i = np.repeat(np.arange(nqb), counts), d.astype(np.int32), self._to_ids(s, i.astype(np.int64))
+                allowed, _, view = masks[s]
+                if allowed is not None:  # deleted or filtered out: dropped here
+                    pos, found = view.positions_of(i)
+                    keep = found & allowed[pos]
+                    qi, d, i = qi[keep], d[keep], i[keep]
+                qidx.append(qi)
+                dists.append(d)
+                ids.append(i)
             qidx, dists, ids = np.concatenate(qidx), np.concatenate(dists), np.concatenate(ids)
             order = np.lexsort((ids, dists, qidx))
             D_all.append(dists[order])
@@ -521,7 +618,36 @@ def _load_shard(
         raise ManifestError(f"{where}: index has {index.d}-bit codes, manifest says {manifest.bits}")
     if index.ntotal != entry.rows:
         raise ManifestError(f"{where}: index holds {index.ntotal} codes, manifest says {entry.rows}")
-    return _Shard(index, mmapped, identity if verify == "once" else None)
+    deleted = np.zeros(0, np.int64)
+    if entry.tombstones:
+        deleted = read_side_array(manifest_uri, entry.tombstones, s3_endpoint, f"{where} tombstones")
+        if deleted.dtype != np.int64 or deleted.ndim != 1 or len(deleted) != entry.deleted:
+            raise ManifestError(f"{where} tombstones: {deleted.shape} {deleted.dtype}, manifest says "
+                                f"{entry.deleted} int64 ids")
+    labels = None
+    if entry.labels:
+        labels = read_side_array(manifest_uri, entry.labels, s3_endpoint, f"{where} labels")
+        width = -(-(manifest.num_classes or 0) // 8)
+        if labels.dtype != np.uint8 or labels.shape != (entry.rows, width):
+            raise ManifestError(f"{where} labels: {labels.shape} {labels.dtype}, expected ({entry.rows}, "
+                                f"{width}) uint8 for {manifest.num_classes} classes")
+    view = ShardView(index, entry, deleted=deleted, labels=labels)
+    return _Shard(index, mmapped, identity if verify == "once" else None, view)
+
+
+def read_side_array(manifest_uri: str, side: dict, s3_endpoint: str | None, where: str) -> np.ndarray:
+    """A shard's side file (tombstones, labels), checked against its manifest record."""
+    import io
+
+    uri = resolve_shard_uri(manifest_uri, side["uri"])
+    fs, path = resolve_filesystem(uri, s3_endpoint)
+    try:
+        data = read_bytes(fs, path)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{where}: {uri} missing") from e
+    if len(data) != side["bytes"] or hashlib.sha256(data).hexdigest() != side["sha256"]:
+        raise ManifestError(f"{where}: {uri} does not match the manifest's size and sha256; rebuild the index")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _read_index(local: str, where: str, mmap: bool):
