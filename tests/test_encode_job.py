@@ -193,6 +193,43 @@ def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_ty
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
+def test_build_index_job_appends_with_labels_as_ray_tasks(encoded_demo, demo_subset, checkpoint, tmp_path):
+    """The documented live-index commands: build with --labels from the encoding of files 0-1,
+    --append the encoding of files 2-3 (Ray tasks), --delete, then search with a label filter."""
+    import build_index as build_job
+
+    from dcgh_dist.index import ShardedIndex, brute_force_search
+    from dcgh_dist.index.filters import SearchFilter
+
+    out, _ = encoded_demo
+    files = sorted(glob.glob(os.path.join(out, "text", "*.parquet")))
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    for d, part in ((first, files[:2]), (rest, files[2:])):
+        d.mkdir()
+        for f in part:
+            shutil.copy(f, d)
+    idx = str(tmp_path / "idx")
+    build_job.main(["--codes", str(first), "--output", idx, "--shard-size", "64", "--labels", demo_subset,
+                    "--checkpoint", checkpoint])
+    m = build_job.main(["--codes", str(rest), "--output", idx, "--shard-size", "64", "--append",
+                        "--labels", demo_subset])
+    assert m["operation"] == "append" and m["num_items"] == N_DEMO and m["version"] == 2
+    gone = tmp_path / "gone.parquet"
+    pq.write_table(pa.table({"id": pa.array(np.arange(0, N_DEMO, 4), pa.int64())}), gone)
+    m = build_job.main(["--output", idx, "--delete", str(gone)])
+    assert m["num_live"] == N_DEMO - N_DEMO // 4 and m["delete"]["deleted"] == N_DEMO // 4
+    ids, codes = read_codes(os.path.join(out, "text"))
+    t = pa.concat_tables([pq.read_table(f, columns=["id", "labels"]) for f in sorted(glob.glob(os.path.join(demo_subset, "*.parquet")))])
+    has = {i: 0 in lab for i, lab in zip(t.column("id").to_pylist(), t.column("labels").to_pylist())}
+    ok = np.array([i % 4 != 0 and has[int(i)] for i in ids])
+    q = codes[::9] ^ np.uint8(3)
+    D, I = ShardedIndex.open(idx, checkpoint=checkpoint).search_stable(q, 10, filter=SearchFilter.of(labels_any=[0]))
+    want_D, want_I = brute_force_search(q, codes[ok], ids[ok], 10)
+    assert np.array_equal(D, want_D) and np.array_equal(I, want_I)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
 def labels_to_multihot(labels, num_classes: int) -> np.ndarray:
     out = np.zeros((len(labels), num_classes), dtype=np.float32)
     for i, row in enumerate(labels):

@@ -451,6 +451,112 @@ def test_index_upgrade_under_load_fails_no_request(served):
     assert len(codes) > 10 and set(codes) == {200}, {c for c in codes if c != 200}
 
 
+def _swap_under_load(served, modality: str, manifest: str, query: dict) -> list:
+    """Deploy ``manifest`` to every group of ``modality`` while three clients query; wait until
+    every group serves it. Returns the clients' status codes."""
+    from dcgh_dist.index import read_manifest
+
+    url, build = served["url"], read_manifest(manifest).build_id
+    groups = requests.get(f"{url}/info", timeout=30).json()["indexes"][modality]["groups"]
+    stop, codes = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            try:
+                codes.append(_search(url, **query).status_code)
+            except requests.RequestException as e:
+                codes.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        deploy(served["args"].model_dump(exclude_none=True),
+               [{"name": f"IndexShards-{modality}-{g}", "user_config": {"manifest": manifest}} for g in range(groups)])
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if requests.get(f"{url}/info", timeout=30).json()["indexes"][modality]["build_id"] == [build]:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert requests.get(f"{url}/info", timeout=30).json()["indexes"][modality]["build_id"] == [build]
+    return codes
+
+
+@pytest.mark.timeout(400)
+def test_a_live_index_appends_and_deletes_under_load(served):
+    """Delete the top results of a query and append some of them back, each a new version that
+    `serve deploy` swaps in (user_config: the version's own manifest file) while clients query:
+    no request fails, no deleted id comes back after its swap, appended ids do. Label filters on
+    the labelled index answer only items of that label; a bad filter is a 422."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from dcgh_dist.config import IndexConfig
+    from dcgh_dist.index.build import build_index
+    from dcgh_dist.index.codes import read_code_shard
+    from dcgh_dist.index.manifest import version_manifest_name
+    from dcgh_dist.index.update import delete_ids
+    from dcgh_dist.models.checkpoint import read_meta
+
+    url, root, dataset = served["url"], served["root"], served["dataset"]
+    query = {"text": "a query under load", "k": 10}
+    live = str(root / "index-image-live")
+    fp = read_meta(served["ckpt"]).fingerprint
+    m = build_index(str(root / "codes" / "image"), live, IndexConfig(shard_size=400), expected_fingerprint=fp,
+                    use_ray=False, labels_uri=dataset)
+    version = lambda m: os.path.join(live, version_manifest_name(m.build_id))  # noqa: E731
+    assert set(_swap_under_load(served, "image", version(m), query)) == {200}
+    top = [r["id"] for r in _search(url, **query).json()["results"]]
+
+    m, result = delete_ids(live, top)
+    assert result.deleted == 10
+    codes = _swap_under_load(served, "image", version(m), query)
+    assert len(codes) > 5 and set(codes) == {200}, {c for c in codes if c != 200}
+    after = [r["id"] for r in _search(url, **query).json()["results"]]
+    assert len(after) == 10 and not set(after) & set(top)
+
+    back = top[:5]
+    shards = [read_code_shard(pafs.LocalFileSystem(), str(f)) for f in sorted((root / "codes" / "image").glob("*.parquet"))]
+    ids, all_codes = np.concatenate([i for i, _ in shards]), np.concatenate([c for _, c in shards])
+    rows = np.isin(ids, back)
+    add_dir = root / "codes-image-back"
+    add_dir.mkdir()
+    from dcgh_dist.index.codes import code_shard_meta, codes_table
+
+    pq.write_table(codes_table(ids[rows], all_codes[rows], code_shard_meta(m.bits, fp, "image")),
+                   add_dir / "part-00000.parquet")
+    m = build_index(str(add_dir), live, IndexConfig(shard_size=400), use_ray=False, append=True, labels_uri=dataset)
+    assert m.operation == "append" and m.num_live == m.num_items - 10  # the 10 old copies stay hidden
+    codes = _swap_under_load(served, "image", version(m), query)
+    assert set(codes) == {200}, {c for c in codes if c != 200}
+    final = [r["id"] for r in _search(url, **query).json()["results"]]
+    assert set(back) <= set(final) and not set(final) & set(top[5:])
+
+    labels = {}
+    for f in sorted(Path(dataset).glob("*.parquet")):
+        t = pq.read_table(f, columns=["id", "labels"])
+        labels.update(zip(t.column("id").to_pylist(), t.column("labels").to_pylist()))
+    r = _search(url, **query, filter={"labels_any": [1]})
+    assert r.status_code == 200 and len(r.json()["results"]) == 10
+    assert all(1 in labels[x["id"]] for x in r.json()["results"])
+    allow = [x["id"] for x in r.json()["results"][:3]] + [top[9]]  # a deleted id: never answered
+    r = _search(url, **query, filter={"ids": allow})
+    assert sorted(x["id"] for x in r.json()["results"]) == sorted(allow[:3])
+    for bad, status in (({"labels_any": [10 ** 6]}, 422), ({"labels_all": []}, 422), ({"color": [1]}, 422),
+                        ({"ids": list(range(100_001))}, 413)):
+        r = _search(url, **query, filter=bad)
+        assert r.status_code == status and r.json()["field"].startswith("filter"), r.text
+    r = _search(url, text="to the unlabelled text index", k=3, target="text", filter={"labels_any": [0]})
+    assert r.status_code == 422 and "has no labels" in r.json()["error"]
+    assert _search(url, text="still here", k=3).status_code == 200
+
+
 def _chrome():
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("no Chromium: `apt-get install -y chromium chromium-driver` (Debian) enables the page test")
