@@ -1,8 +1,9 @@
 """Binary codes -> sharded FAISS indexes -> exact sharded search.
 
 The bit convention lives in :mod:`dcgh_dist.index.codes`; the manifest format in
-:mod:`dcgh_dist.index.manifest`; building in :mod:`dcgh_dist.index.build`; searching in
-:mod:`dcgh_dist.index.search`; ranking metrics over an index in :mod:`dcgh_dist.index.evaluate`.
+:mod:`dcgh_dist.index.manifest`; building in :mod:`dcgh_dist.index.build`; appends are builds, deletes and
+compaction in :mod:`dcgh_dist.index.update`; searching in :mod:`dcgh_dist.index.search`, with
+filters and tombstones in :mod:`dcgh_dist.index.filters`; ranking metrics over an index in :mod:`dcgh_dist.index.evaluate`.
 See docs/INDEX.md.
 """
 
@@ -13,6 +14,7 @@ from dcgh_dist.index.codes import (
     pack_codes,
     unpack_codes,
 )
+from dcgh_dist.index.filters import SearchFilter
 from dcgh_dist.index.manifest import (
     BuildConflictError,
     IndexConfig,
@@ -28,6 +30,7 @@ __all__ = [
     "IndexConfig",
     "IndexManifest",
     "ManifestError",
+    "SearchFilter",
     "ShardedIndex",
     "as_packed",
     "brute_force_search",

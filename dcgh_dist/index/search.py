@@ -334,7 +334,9 @@ class ShardedIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
-        masks = self._masks(filter)
+        return self._knn(q, k, nprobe, batch_size, self._masks(filter))
+
+    def _knn(self, q: np.ndarray, k: int, nprobe: int | None, batch_size: int, masks: list) -> tuple[np.ndarray, np.ndarray]:
         nq = len(q)
         D = np.empty((nq, k), dtype=np.int32)
         I = np.empty((nq, k), dtype=np.int64)
@@ -455,7 +457,8 @@ class ShardedIndex:
         nprobe = self._nprobe(nprobe)
         q = as_packed(query_codes, self.bits)
         # What the search may return: every live item, or what the filter allows.
-        n_avail = self.ntotal if filter is None else sum(n for _, n, _ in self._masks(filter))
+        masks = self._masks(filter)  # once for the fetch and any range search below
+        n_avail = self.ntotal if filter is None else sum(n for _, n, _ in masks)
         if n_avail == 0:
             return (np.full((len(q), k), _MISSING_DIST, dtype=np.int32), np.full((len(q), k), -1, dtype=np.int64))
         k_eff = min(k, n_avail)
@@ -465,7 +468,7 @@ class ShardedIndex:
         # k=10 queries to a range search, 64 none: 0.73x the p50 (benchmarks/bench_search_stable.py).
         margin = max(64, k_eff // 4) if margin is None else margin
         k_fetch = min(n_avail, k_eff + margin)
-        D, I = self.search(q, k_fetch, nprobe=nprobe, batch_size=batch_size, filter=filter)
+        D, I = self._knn(q, k_fetch, nprobe, batch_size, masks)
         D, I = _sort_rows(D, I)
         out_D = np.full((len(q), k), _MISSING_DIST, dtype=np.int32)
         out_I = np.full((len(q), k), -1, dtype=np.int64)
@@ -480,8 +483,7 @@ class ShardedIndex:
             # One range search per distinct k-th distance, over the queries that share it.
             for radius in np.unique(dk[redo]):
                 rows = redo[dk[redo] == radius]
-                lims, rd, ri = self.range_search(q[rows], int(radius), nprobe=nprobe,
-                                                 batch_size=batch_size, filter=filter)
+                lims, rd, ri = self._range(q[rows], int(radius), nprobe, batch_size, masks)
                 for j, r in enumerate(rows):
                     lo = lims[j]
                     out_D[r, :k_eff] = rd[lo:lo + k_eff]
@@ -503,16 +505,18 @@ class ShardedIndex:
         items), approximate for ivf (``nprobe`` lists probed, default :attr:`nprobe`; FAISS takes
         no search parameters here, so concurrent IVF range searches take turns on each shard).
         """
-        indexes = self._shards()
+        self._shards()
         nprobe = self._nprobe(nprobe)
+        return self._range(as_packed(query_codes, self.bits), radius, nprobe, batch_size, self._masks(filter))
+
+    def _range(self, q: np.ndarray, radius: int, nprobe: int | None, batch_size: int, masks: list):
+        indexes = self._shards()
         exact_r = self.manifest.index.exact_radius(self.bits)
         if self.index_type == "multihash" and radius > exact_r:
             raise ValueError(
                 f"radius {radius} exceeds what this multihash index searches exactly ({exact_r} = "
                 "nhash * (nflip + 1) - 1); rebuild with a larger mh_nflip or use a flat index"
             )
-        q = as_packed(query_codes, self.bits)
-        masks = self._masks(filter)
         lims_all, D_all, I_all = [np.zeros(1, dtype=np.int64)], [], []
         for start in range(0, len(q), batch_size):
             qb = q[start:start + batch_size]
