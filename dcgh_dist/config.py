@@ -189,6 +189,7 @@ class EncodeConfig:
     bf16_min_agreement: float = 0.999
     splits: tuple[str, ...] | None = None  # None: every row
     bits: int | None = None  # which code length of a multi-length checkpoint; None: its primary one
+    relaxed: bool = False  # also store the tanh outputs (float16) in the code shards, for re-ranking
     throttle_s: float = 0.0  # testing aid: the driver sleeps this long per batch
 
     def __post_init__(self):

@@ -33,7 +33,7 @@ FLAGS = {
     "batch_size": "encode.batch_size", "concurrency": "encode.concurrency", "actor_cpus": "encode.actor_cpus",
     "preprocess_batch_size": "encode.preprocess_batch_size", "use_gpu": "encode.use_gpu",
     "precision": "encode.precision", "throttle_s": "encode.throttle_s", "splits": "encode.splits",
-    "bits": "encode.bits",
+    "bits": "encode.bits", "relaxed": "encode.relaxed",
 }
 # What this job reads of the tree: an override of anything else would be ignored, so it is refused.
 READS = ("encode", "ray", "data.s3_endpoint")
@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--bits", type=int, help="code length of a multi-length checkpoint (default: its primary one)")
+    p.add_argument("--relaxed", action="store_true", default=None,
+                   help="also store the relaxed (tanh) codes, float16 (2 bytes/bit), for re-ranking search "
+                        "results (jobs/build_index.py keeps them beside each shard)")
     p.add_argument("--throttle-s", type=float, help=argparse.SUPPRESS)  # testing aid
     p.add_argument("--json", help="also write the result as JSON here")
     add_config_arguments(p)

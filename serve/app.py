@@ -232,15 +232,22 @@ class BatchedEncoder:
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
+    # Each query: (packed code, error, its relaxed code as float16 bytes, for re-ranking).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def encode_text(self, texts: list[str]) -> list[tuple[bytes, str]]:
-        out = await asyncio.to_thread(self.encoder.encode_texts, texts)
-        return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
+    async def encode_text(self, texts: list[str]) -> list[tuple[bytes, str, bytes]]:
+        return _with_packed(await asyncio.to_thread(self.encoder.encode_texts, texts, packed=False))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def encode_image(self, images: list[bytes]) -> list[tuple[bytes, str]]:
-        out = await asyncio.to_thread(self.encoder.encode_images, images)
-        return [(c.tobytes(), e) for c, e in zip(out.codes, out.errors)]
+    async def encode_image(self, images: list[bytes]) -> list[tuple[bytes, str, bytes]]:
+        return _with_packed(await asyncio.to_thread(self.encoder.encode_images, images, packed=False))
+
+
+def _with_packed(out) -> list[tuple[bytes, str, bytes]]:
+    from dcgh_dist.index.codes import pack_relaxed
+
+    packed = pack_relaxed(out.codes)  # the bit convention, as encode writes the database's codes
+    relaxed = out.codes.astype(np.float16)
+    return [(c.tobytes(), e, r.tobytes()) for c, e, r in zip(packed, out.errors, relaxed)]
 
 
 @serve.deployment
@@ -285,7 +292,7 @@ class IndexShards:
         logger.info("%s group %d/%d: build %s, %d of %d shards, %d items", self.modality, self.group,
                     self.groups, manifest.build_id, len(mine), len(manifest.shards), new.ntotal)
 
-    async def search(self, codes: bytes, k: int, flt: dict | None = None) -> dict:
+    async def search(self, codes: bytes, k: int, flt: dict | None = None, relaxed: bytes | None = None) -> dict:
         index = self.index  # one reference for the whole query: an upgrade cannot switch it mid-way
         if index.threads == 1:
             # One search thread (a replica of one CPU or less; Serve's default is one): the scan
@@ -293,12 +300,12 @@ class IndexShards:
             # worker thread, which only adds a hop when the scans take turns on one CPU anyway:
             # ~1 ms of a 15 ms query over 10M codes on a 2-core node (docs/BENCHMARKS.md,
             # "Serving"). Queries beyond the running one wait in Serve's queue meanwhile.
-            return self._search(index, codes, k, flt)
+            return self._search(index, codes, k, flt, relaxed)
         # More CPUs (ShardedIndex takes Ray's OMP_NUM_THREADS, the replica's num_cpus): each query
         # scans in a worker thread, so that as many run at once.
-        return await asyncio.to_thread(self._search, index, codes, k, flt)
+        return await asyncio.to_thread(self._search, index, codes, k, flt, relaxed)
 
-    def _search(self, index, codes: bytes, k: int, flt: dict | None = None) -> dict:
+    def _search(self, index, codes: bytes, k: int, flt: dict | None = None, relaxed: bytes | None = None) -> dict:
         from dcgh_dist.index.filters import SearchFilter
 
         q = np.frombuffer(codes, dtype=np.uint8).reshape(1, -1)
@@ -307,13 +314,20 @@ class IndexShards:
             if search_filter is not None:
                 search_filter.check(index.num_classes, "this index")
         except ValueError as e:  # the client's filter: answered as such, the replica serves on
-            return {"error": str(e), "build_id": index.manifest.build_id, "group": self.group}
+            return {"error": str(e), "field": "filter", "build_id": index.manifest.build_id, "group": self.group}
+        if relaxed is not None and not all(index.view(i).has_relaxed for i in range(len(index.manifest.shards))):
+            return {"error": "this index stores no relaxed codes, so it cannot re-rank (encode with --relaxed and "
+                             "rebuild it)", "field": "rerank", "build_id": index.manifest.build_id, "group": self.group}
         if index.ntotal == 0:
             return {"distances": [], "ids": [], "build_id": index.manifest.build_id, "group": self.group}
         D, I = index.search_stable(q, min(k, index.ntotal), filter=search_filter)
         keep = I[0] >= 0
-        return {"distances": D[0][keep].tolist(), "ids": I[0][keep].tolist(),
-                "build_id": index.manifest.build_id, "group": self.group}
+        out = {"distances": D[0][keep].tolist(), "ids": I[0][keep].tolist(),
+               "build_id": index.manifest.build_id, "group": self.group}
+        if relaxed is not None:  # scores of this group's candidates; the Frontend re-ranks the merged top
+            qr = np.frombuffer(relaxed, dtype=np.float16).astype(np.float32).reshape(1, -1)
+            out["scores"] = index.relaxed_scores(qr, I[:, keep])[0].tolist()
+        return out
 
     def info(self) -> dict:
         m = self.index.manifest
@@ -351,6 +365,7 @@ class ItemLookup:
 
 
 MAX_FILTER_IDS = 100_000
+MAX_RERANK = 20
 
 
 class SearchFilterBody(BaseModel):
@@ -376,11 +391,14 @@ class SearchRequest(BaseModel):
     k: int = 10
     target: Literal["image", "text"] | None = None  # default: the other modality
     filter: SearchFilterBody | None = None
+    # Re-rank the Hamming top k x rerank by the relaxed codes (an index built from encode --relaxed).
+    rerank: int | None = None
 
 
 class SearchResult(BaseModel):
     id: int
     distance: int
+    score: float | None = None  # with rerank: the relaxed inner product the results are ordered by
     caption: str | None = None
     image_url: str | None = None
 
@@ -486,33 +504,47 @@ class Frontend:
 
     # -- the query path -----------------------------------------------------------------------
 
-    async def _codes(self, modality: str, payload) -> bytes:
-        codes, error = await self._encode[modality](payload)
+    async def _codes(self, modality: str, payload) -> tuple[bytes, bytes]:
+        """(packed code, relaxed code as float16 bytes) of one query."""
+        codes, error, relaxed = await self._encode[modality](payload)
         if error:
             raise ApiError(422, modality, error.split(": ", 1)[-1] if ": row id" in error else error)
-        return codes
+        return codes, relaxed
 
-    async def _search(self, codes: bytes, target: str, k: int, flt: dict | None = None) -> list[tuple[int, int]]:
+    async def _search(self, codes: bytes, target: str, k: int, flt: dict | None = None,
+                      rerank: tuple[int, bytes] | None = None) -> list[tuple]:
+        """The merged top k as (distance, id[, score]). ``rerank``: (factor, the query's relaxed
+        code): every group answers its Hamming top k x factor with scores; the merged top
+        k x factor by (distance, id) is re-ordered by score (stable) and cut to k, which is
+        ``ShardedIndex.search_reranked`` over the whole index."""
         handles = self.groups[target]
-        replies = await asyncio.gather(*(h.search.remote(codes, k, flt) for h in handles), return_exceptions=True)
+        kk, relaxed = (k * rerank[0], rerank[1]) if rerank else (k, None)
+        replies = await asyncio.gather(*(h.search.remote(codes, kk, flt, relaxed) for h in handles),
+                                       return_exceptions=True)
         failed = [g for g, r in enumerate(replies) if isinstance(r, BaseException)]
         if failed:
             for g in failed:
                 logger.warning("%s index group %d failed: %r", target, g, replies[g])
             raise ApiError(503, None, f"{target} index shard group(s) {failed} of {len(handles)} did not answer; "
                                       "results would be incomplete")
-        refused = [r["error"] for r in replies if "error" in r]
+        refused = [r for r in replies if "error" in r]
         if refused:
-            raise ApiError(422, "filter", refused[0])
-        merged = sorted((d, i) for r in replies for d, i in zip(r["distances"], r["ids"]))
-        return merged[:k]
+            raise ApiError(422, refused[0]["field"], refused[0]["error"])
+        if relaxed is None:
+            return sorted((d, i) for r in replies for d, i in zip(r["distances"], r["ids"]))[:k]
+        merged = sorted((d, i, s) for r in replies for d, i, s in zip(r["distances"], r["ids"], r["scores"]))[:kk]
+        return sorted(merged, key=lambda hit: -hit[2])[:k]
 
-    async def _answer(self, codes: bytes, target: str, k: int, t0: float, flt: dict | None = None) -> dict:
-        hits = await self._search(codes, target, k, flt)
+    async def _answer(self, codes: bytes, target: str, k: int, t0: float, flt: dict | None = None,
+                      rerank: tuple[int, bytes] | None = None) -> dict:
+        hits = await self._search(codes, target, k, flt, rerank)
         results = []
-        captions = await self.items.captions.remote([i for _, i in hits]) if self.items else [None] * len(hits)
-        for (d, i), cap in zip(hits, captions):
+        captions = await self.items.captions.remote([h[1] for h in hits]) if self.items else [None] * len(hits)
+        for hit, cap in zip(hits, captions):
+            d, i = hit[0], hit[1]
             r = {"id": int(i), "distance": int(d)}
+            if rerank:
+                r["score"] = float(hit[2])
             if self.items is not None:
                 r["caption"] = cap
                 r["image_url"] = f"/items/{int(i)}/image"
@@ -543,6 +575,10 @@ class Frontend:
         if len(given) != 1:
             raise ApiError(422, None, f"give exactly one of text, image, id (got {given or 'none'})")
         k = self._k(req.k)
+        rerank = req.rerank
+        if rerank is not None and not 1 <= rerank <= MAX_RERANK:
+            raise ApiError(422, "rerank", f"rerank must be an integer in 1..{MAX_RERANK} (the Hamming top k x rerank "
+                                          f"is re-ordered), got {rerank}")
         flt = None
         if req.filter is not None:
             flt = req.filter.model_dump(exclude_none=True) or None
@@ -554,7 +590,7 @@ class Frontend:
             if len(req.text) > self.s["max_text_chars"]:
                 raise ApiError(413, "text", f"text has {len(req.text)} characters, more than {self.s['max_text_chars']}")
             target = self._target(req.target, "text")
-            codes = await self._codes("text", req.text)
+            codes, relaxed = await self._codes("text", req.text)
         elif req.image is not None:
             if len(req.image) > 4 * math.ceil(self.s["max_image_bytes"] / 3) + 4:
                 raise ApiError(413, "image", f"image is larger than the {self.s['max_image_bytes']} bytes allowed")
@@ -564,7 +600,7 @@ class Frontend:
                 raise ApiError(422, "image", f"image is not valid base64 ({e})") from e
             self._check_image(data, "image")
             target = self._target(req.target, "image")
-            codes = await self._codes("image", data)
+            codes, relaxed = await self._codes("image", data)
         else:
             if req.modality is None:
                 raise ApiError(422, "modality", "a query by id needs modality: 'image' or 'text' (which item)")
@@ -574,8 +610,8 @@ class Frontend:
             if raw is None:
                 raise ApiError(404, "id", f"no {req.modality} item with id {req.id}")
             target = self._target(req.target, req.modality)
-            codes = await self._codes(req.modality, raw)
-        return await self._answer(codes, target, k, t0, flt)
+            codes, relaxed = await self._codes(req.modality, raw)
+        return await self._answer(codes, target, k, t0, flt, (rerank, relaxed) if rerank else None)
 
     @api.post("/search/image", response_model=SearchResponse)
     async def search_image(self, file: UploadFile = File(...), k: int = Form(10),
@@ -584,7 +620,7 @@ class Frontend:
         data = await file.read(self.s["max_image_bytes"] + 1)
         self._check_image(data, "file")
         target = self._target(target, "image")
-        codes = await self._codes("image", data)
+        codes, _ = await self._codes("image", data)
         return await self._answer(codes, target, self._k(k), t0)
 
     @api.get("/items/{item_id}/image", responses={200: {"content": {"image/jpeg": {}}}})

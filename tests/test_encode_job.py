@@ -155,6 +155,40 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
+def test_encode_relaxed_keeps_the_tanh_outputs_for_reranking(demo_subset, checkpoint, tmp_path, ray_cluster):
+    """`encode --relaxed`: each code shard also holds the float16 tanh outputs, whose signs are
+    the bits; the index keeps them beside its shards and re-ranks with them."""
+    import build_index as build_job
+    import encode as encode_job
+
+    import pyarrow.fs as pafs
+
+    from dcgh_dist.index import ShardedIndex
+    from dcgh_dist.index.codes import read_relaxed
+
+    out = str(tmp_path / "codes")
+    encode_job.main(["--checkpoint", checkpoint, "--dataset", demo_subset, "--modality", "text", "--output", out,
+                     "--relaxed"])
+    ids, codes = read_codes(os.path.join(out, "text"))
+    relaxed = np.concatenate([read_relaxed(pafs.LocalFileSystem(), f)
+                              for f in sorted(glob.glob(os.path.join(out, "text", "*.parquet")))])
+    assert relaxed.shape == (N_DEMO, BITS) and relaxed.dtype == np.float16
+    assert np.array_equal(np.packbits(relaxed >= 0, axis=1), codes) and (np.abs(relaxed) <= 1).all()
+    idx = str(tmp_path / "idx")
+    build_job.main(["--codes", os.path.join(out, "text"), "--output", idx, "--shard-size", "128"])
+    index = ShardedIndex.open(idx)
+    q, qr = codes[:5] ^ np.uint8(1), relaxed[:5].astype(np.float32)
+    D, I, S = index.search_reranked(q, qr, 10, factor=4)
+    _, top = index.search_stable(q, 40)
+    pos = {int(i): p for p, i in enumerate(ids)}
+    scores = np.einsum("qk,qmk->qm", qr, relaxed.astype(np.float32)[[[pos[int(i)] for i in row] for row in top]])
+    assert np.array_equal(I, np.take_along_axis(top, np.argsort(-scores, axis=1, kind="stable")[:, :10], axis=1))
+    with pytest.raises(ValueError, match=r"differs in \['relaxed'\]"):
+        encode_job.main(["--checkpoint", checkpoint, "--dataset", demo_subset, "--modality", "text", "--output", out])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("index_type", ["flat", "multihash", "ivf"])
 def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_type):
     import build_index as build_job  # jobs/build_index.py

@@ -384,3 +384,54 @@ def test_delete_and_compact_commands(data, tmp_path):
     pq.write_table(pa.table({"item": [1]}), bad)
     r = _job("--output", d, "--delete", str(bad))
     assert r.returncode != 0 and "needs an 'id' column" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Re-ranking by the relaxed codes
+
+
+def test_rerank_equals_reordering_the_brute_force_top(data, tmp_path):
+    """Code shards with relaxed codes (encode --relaxed): search_reranked is the brute-force
+    Hamming top k x r, re-ordered by the inner product with the query's relaxed code (stable),
+    cut to k; through an append, a delete and a compaction, on flat and IVF."""
+    rng = np.random.default_rng(8)
+    ids, codes = data["ids"], data["codes"]
+    bits = np.unpackbits(codes, axis=1).astype(np.float32)
+    relaxed = ((bits * 2 - 1) * rng.uniform(0.05, 1, bits.shape)).astype(np.float16)  # signs = the bits
+    files = []
+    for name, sl in (("a", slice(0, 1500)), ("b", slice(1500, 3000))):
+        path = tmp_path / "codes" / f"{name}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(codes_table(ids[sl], codes[sl], code_shard_meta(BITS, "fp-live", "image"), relaxed=relaxed[sl]),
+                       path)
+        files.append(str(path))
+    q = queries(data)
+    q_relaxed = ((np.unpackbits(q, axis=1) * 2.0 - 1) * rng.uniform(0.05, 1, (len(q), BITS))).astype(np.float32)
+    k, factor = 10, 4
+    gone = rng.choice(ids, 300, replace=False)
+    keep = ~np.isin(ids, gone)
+
+    def reference():
+        D, I = brute_force_search(q, codes[keep], ids[keep], k * factor)
+        pos = {int(i): p for p, i in enumerate(ids)}
+        S = np.einsum("qk,qmk->qm", q_relaxed, relaxed.astype(np.float32)[[[pos[int(i)] for i in row] for row in I]])
+        o = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(D, o, 1), np.take_along_axis(I, o, 1)
+
+    for t in ("flat", "ivf"):
+        d = str(tmp_path / f"idx-{t}")
+        build_index(files[0], d, config(t), use_ray=False)
+        build_index(files[1], d, config(t), use_ray=False, append=True)
+        delete_ids(d, gone)
+        want_D, want_I = reference()
+        D, I, S = ShardedIndex.open(d).search_reranked(q, q_relaxed, k, factor=factor)
+        assert np.array_equal(I, want_I) and np.array_equal(D, want_D) and (np.diff(S, axis=1) <= 0).all()
+        compact_index(d)
+        assert all(s.relaxed for s in read_manifest(d).shards)
+        assert np.array_equal(ShardedIndex.open(d).search_reranked(q, q_relaxed, k, factor=factor)[1], want_I)
+    plain = str(tmp_path / "plain")
+    build_index(data["parts"][0], plain, config("flat"), use_ray=False)
+    with pytest.raises(ValueError, match="stores no relaxed codes, so it cannot re-rank"):
+        ShardedIndex.open(plain).search_reranked(q, q_relaxed, k)
+    with pytest.raises(ValueError, match="carry relaxed codes .* and these codes do not"):
+        build_index(data["parts"][1], str(tmp_path / "idx-flat"), config("flat"), use_ray=False, append=True)

@@ -103,7 +103,8 @@ def served(tmp_path_factory, demo_small, ray_cluster):
 
     root = tmp_path_factory.mktemp("serve")
     ckpt = make_checkpoint(str(root / "ckpt"), read_dataset_info(demo_small))
-    run_encode(ckpt, demo_small, str(root / "codes"), ("image", "text"), EncodeConfig(splits=("train", "val", "db")))
+    run_encode(ckpt, demo_small, str(root / "codes"), ("image", "text"),
+               EncodeConfig(splits=("train", "val", "db"), relaxed=True))  # relaxed: re-ranking
     fp = read_meta(ckpt).fingerprint
     indexes = {}
     for m in ("image", "text"):
@@ -169,6 +170,30 @@ def test_results_equal_sharded_index_search(served):
         for d in set(D2[0].tolist()) - {D2[0][-1]}:
             assert {i for dd, i in got if dd == d} == set(I2[0][D2[0] == d].tolist())
         assert all(x["caption"] and x["image_url"] == f"/items/{x['id']}/image" for x in body["results"])
+
+
+def test_rerank_equals_the_index_reranking(served):
+    """rerank=r: every group's Hamming top k x r with scores, merged, re-ordered by the relaxed
+    inner product == ShardedIndex.search_reranked over the whole index; bad values are a 422."""
+    from dcgh_dist.index import ShardedIndex
+    from dcgh_dist.index.codes import pack_relaxed
+    from dcgh_dist.models.encoder import Encoder
+
+    enc = Encoder.from_checkpoint(served["ckpt"], device="cpu")
+    index = ShardedIndex.open(served["indexes"]["image"])
+    for text, k, r in (("a red circle", 10, 4), ("blue", 25, 2)):
+        body = _search(served["url"], text=text, k=k, rerank=r).json()
+        relaxed = enc.encode_texts([text], packed=False).codes
+        D, I, S = index.search_reranked(pack_relaxed(relaxed), relaxed.astype(np.float16).astype(np.float32), k,
+                                        factor=r)
+        assert [x["id"] for x in body["results"]] == I[0].tolist()
+        assert [x["distance"] for x in body["results"]] == D[0].tolist()
+        assert np.allclose([x["score"] for x in body["results"]], S[0], rtol=1e-5)
+        plain = _search(served["url"], text=text, k=k).json()["results"]
+        assert all("score" not in x or x["score"] is None for x in plain)
+    for bad in (0, 21, "4"):
+        r = _search(served["url"], text="x", rerank=bad)
+        assert r.status_code == 422 and r.json()["field"] == "rerank", r.text
 
 
 def test_encoder_deployment_ray_transport_and_a_multi_cpu_group_answer_the_same(served):
@@ -420,34 +445,7 @@ def test_index_upgrade_under_load_fails_no_request(served):
                 expected_fingerprint=read_meta(served["ckpt"]).fingerprint, use_ray=False)
     new = read_manifest(new_dir).build_id
     assert new != old
-    stop, codes, count = threading.Event(), [], [0]
-
-    def client():
-        while not stop.is_set():
-            try:
-                codes.append(_search(url, text="a query under load", k=10).status_code)
-            except requests.RequestException as e:  # a dropped connection is a failure too
-                codes.append(repr(e))
-            count[0] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(2)
-        deploy(served["args"].model_dump(exclude_none=True),
-               [{"name": f"IndexShards-image-{g}", "user_config": {"manifest": new_dir}} for g in range(3)])
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if requests.get(f"{url}/info", timeout=30).json()["indexes"]["image"]["build_id"] == [new]:
-                break
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert requests.get(f"{url}/info", timeout=30).json()["indexes"]["image"]["build_id"] == [new]
+    codes = _swap_under_load(served, "image", new_dir, {"text": "a query under load", "k": 10})
     assert len(codes) > 10 and set(codes) == {200}, {c for c in codes if c != 200}
 
 
@@ -499,7 +497,7 @@ def test_a_live_index_appends_and_deletes_under_load(served):
 
     from dcgh_dist.config import IndexConfig
     from dcgh_dist.index.build import build_index
-    from dcgh_dist.index.codes import read_code_shard
+    from dcgh_dist.index.codes import read_code_shard, read_relaxed
     from dcgh_dist.index.manifest import version_manifest_name
     from dcgh_dist.index.update import delete_ids
     from dcgh_dist.models.checkpoint import read_meta
@@ -522,14 +520,16 @@ def test_a_live_index_appends_and_deletes_under_load(served):
     assert len(after) == 10 and not set(after) & set(top)
 
     back = top[:5]
-    shards = [read_code_shard(pafs.LocalFileSystem(), str(f)) for f in sorted((root / "codes" / "image").glob("*.parquet"))]
+    files = sorted((root / "codes" / "image").glob("*.parquet"))
+    shards = [read_code_shard(pafs.LocalFileSystem(), str(f)) for f in files]
     ids, all_codes = np.concatenate([i for i, _ in shards]), np.concatenate([c for _, c in shards])
+    relaxed = np.concatenate([read_relaxed(pafs.LocalFileSystem(), str(f)) for f in files])  # encode --relaxed
     rows = np.isin(ids, back)
     add_dir = root / "codes-image-back"
     add_dir.mkdir()
     from dcgh_dist.index.codes import code_shard_meta, codes_table
 
-    pq.write_table(codes_table(ids[rows], all_codes[rows], code_shard_meta(m.bits, fp, "image")),
+    pq.write_table(codes_table(ids[rows], all_codes[rows], code_shard_meta(m.bits, fp, "image"), relaxed=relaxed[rows]),
                    add_dir / "part-00000.parquet")
     m = build_index(str(add_dir), live, IndexConfig(shard_size=400), use_ray=False, append=True, labels_uri=dataset)
     assert m.operation == "append" and m.num_live == m.num_items - 10  # the 10 old copies stay hidden

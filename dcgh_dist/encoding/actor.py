@@ -24,7 +24,8 @@ class EncodeBatches:
 
     def __init__(self, source: dict[str, Any], modalities: Sequence[str], *, packed: bool,
                  precision: str = "fp32", device: str = "auto", cpu_threads: int | None = None,
-                 passthrough: Sequence[str] = ("id",), bits: int | Sequence[int] | None = None):
+                 passthrough: Sequence[str] = ("id",), bits: int | Sequence[int] | None = None,
+                 keep_relaxed: bool = False):
         import ray
         import torch
 
@@ -48,6 +49,7 @@ class EncodeBatches:
         self.columns = {self.encoder.bits: ""} if one else {int(k): f"@{int(k)}" for k in bits}
         self.modalities = tuple(modalities)
         self.packed = packed
+        self.keep_relaxed = keep_relaxed  # packed codes and, as <modality>_relaxed, the float16 tanh outputs
         self.passthrough = tuple(passthrough)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,6 +68,11 @@ class EncodeBatches:
                 if ok.any():
                     codes[ok] = pack_relaxed(relaxed[k]) if self.packed else relaxed[k]
                 out[f"{mod}_codes{suffix}"] = codes
+                if self.keep_relaxed:
+                    kept = np.zeros((n, k), dtype=np.float16)
+                    if ok.any():
+                        kept[ok] = relaxed[k]
+                    out[f"{mod}_relaxed{suffix}"] = kept
             if errors is not None:
                 out[f"{mod}_error"] = np.asarray(errors, dtype=object)
         return out

@@ -43,6 +43,7 @@ class _Pending:
     expected: int
     ids: list[np.ndarray] = field(default_factory=list)
     codes: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    relaxed: dict[str, list[np.ndarray]] = field(default_factory=dict)  # encode.relaxed only
     errors: dict[str, list[np.ndarray]] = field(default_factory=dict)
     received: int = 0
 
@@ -116,6 +117,7 @@ def run_encode(
         "modalities": list(modalities),
         "splits": list(cfg.splits) if cfg.splits is not None else None,
         "bits": bits,
+        "relaxed": cfg.relaxed,
         "model_fingerprint": meta.fingerprint,
         "checkpoint": _where_checkpoint(checkpoint_dir),
     }
@@ -145,6 +147,9 @@ def run_encode(
                 continue  # finished by an earlier run (a crash between two modalities)
             codes = (np.concatenate(state.codes[m]) if state.ids else np.zeros((0, bits // 8), np.uint8))[order]
             errors = (np.concatenate(state.errors[m]) if state.ids else np.zeros(0, object))[order]
+            relaxed = None
+            if cfg.relaxed:  # an empty file's shard carries the (empty) column too: all shards alike
+                relaxed = (np.concatenate(state.relaxed[m]) if state.ids else np.zeros((0, bits), np.float16))[order]
             bad = errors != ""
             skip_path = join(out_root, "skipped", m, shard_name(i))
             if bad.any():
@@ -154,7 +159,7 @@ def run_encode(
                 write_bytes_atomic(out_fs, skip_path, table_to_bytes(skipped))
             table = codes_table(ids[order][~bad], codes[~bad], {
                 **shard_meta[m], "input_file": where(inp.files[i]), "input_rows": state.expected,
-                "skipped": int(bad.sum())})
+                "skipped": int(bad.sum())}, relaxed=relaxed[~bad] if relaxed is not None else None)
             write_bytes_atomic(out_fs, code_path, code_shard_bytes(table))
 
     # Files with nothing to encode never show up in the stream.
@@ -194,7 +199,7 @@ def run_encode(
             fn_constructor_kwargs={"packed": True, "precision": precision,
                                    "device": "cuda" if use_gpu else "cpu",
                                    "cpu_threads": int(max(1, cfg.actor_cpus)), "passthrough": ("id", "path"),
-                                   "bits": bits},
+                                   "bits": bits, "keep_relaxed": cfg.relaxed},
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -240,6 +245,8 @@ def _consume(ds, inp: EncodeInput, pending, expected, modalities, flush, cfg: En
             st.ids.append(np.asarray(batch["id"], dtype=np.int64)[sel])
             for m in modalities:
                 st.codes.setdefault(m, []).append(np.asarray(batch[f"{m}_codes"])[sel])
+                if cfg.relaxed:
+                    st.relaxed.setdefault(m, []).append(np.asarray(batch[f"{m}_relaxed"])[sel])
                 st.errors.setdefault(m, []).append(np.asarray(batch[f"{m}_error"], dtype=object)[sel])
             st.received += int(sel.sum())
             seen += int(sel.sum())
@@ -269,8 +276,9 @@ def _check_or_write_plan(fs, root: str, uri: str, plan: dict, cfg: EncodeConfig)
     path = join(root, PLAN_FILE)
     if exists(fs, path):
         old = json.loads(read_text(fs, path))
-        keys = ("files", "rows", "modalities", "splits", "bits", "model_fingerprint")
-        diff = [k for k in keys if old.get(k) != plan.get(k)]
+        keys = ("files", "rows", "modalities", "splits", "bits", "model_fingerprint", "relaxed")
+        # A plan from before a key existed holds its default.
+        diff = [k for k in keys if old.get(k, {"relaxed": False}.get(k)) != plan.get(k)]
         if diff:
             raise ValueError(
                 f"{uri} holds an encoding of other inputs or another model (differs in {diff}); "

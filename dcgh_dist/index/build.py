@@ -69,6 +69,7 @@ class CodeSource:
     model_fingerprint: str | None
     modality: str | None
     config: dict[str, Any] | None
+    relaxed: bool = False  # every shard carries the relaxed codes (encode --relaxed)
 
     @property
     def num_rows(self) -> int:
@@ -105,11 +106,17 @@ def scan_code_source(uri: str, s3_endpoint: str | None = None) -> CodeSource:
         t = schema.field("code").type
         width = t.byte_width if pa.types.is_fixed_size_binary(t) else None
         meta = read_code_meta(fs, path)
-        return path, pf.metadata.num_rows, width, meta, where
+        return path, pf.metadata.num_rows, width, meta, where, "relaxed" in schema.names
 
     with ThreadPoolExecutor(16) as pool:
         footers = list(pool.map(footer, paths))
 
+    with_relaxed = [f[5] for f in footers]
+    if any(with_relaxed) and not all(with_relaxed):
+        where = footers[with_relaxed.index(False)][4]
+        raise ValueError(f"{uri}: some code shards carry relaxed codes and some do not ({where} does not); "
+                         "encode them all with --relaxed, or none")
+    footers = [f[:5] for f in footers]
     widths = {w for _, n, w, meta, _ in footers if w}
     for _, _, w, meta, where in footers:
         if meta and meta.get("bits") and w and meta["bits"] != w * 8:
@@ -143,6 +150,7 @@ def scan_code_source(uri: str, s3_endpoint: str | None = None) -> CodeSource:
         model_fingerprint=fingerprint,
         modality=mods.pop() if len(mods) == 1 else None,
         config=metas[0].get("config") if metas else None,
+        relaxed=all(with_relaxed),
     )
 
 
@@ -164,6 +172,14 @@ def plan_shards(files: Sequence[CodeFile], shard_size: int) -> list[list[tuple[s
     if cur:
         shards.append(cur)
     return shards
+
+
+def read_relaxed_slices(uri: str, slices: Sequence[tuple[str, int, int]], s3_endpoint: str | None) -> np.ndarray:
+    """The relaxed codes of ``slices``, in the order :func:`read_slices` gives their rows."""
+    from dcgh_dist.index.codes import read_relaxed
+
+    fs, _ = resolve_filesystem(uri, s3_endpoint)
+    return np.concatenate([read_relaxed(fs, path, display(fs, path))[start:stop] for path, start, stop in slices])
 
 
 def read_slices(
@@ -271,27 +287,30 @@ def build_shard(
     s3_endpoint: str | None = None,
     threads: int | None = None,
     labels: "LabelTable | None" = None,
+    relaxed: bool = False,
 ) -> ShardEntry:
     """Read one shard's codes, build its index, write it to ``out_uri``; return its entry.
 
     ``threads``: FAISS's OpenMP threads for this build (a Ray task's CPUs); None: the caller's.
-    ``labels``: the dataset's labels, written beside the shard for filtered search.
+    ``labels``: the dataset's labels, written beside the shard for filtered search. ``relaxed``:
+    the code shards' relaxed codes are written beside it too, for re-ranking.
     """
     ids, codes = read_slices(uri, slices, s3_endpoint)
     if codes.shape[1] * 8 != bits:
         raise ValueError(f"{slices[0][0]}: codes are {codes.shape[1] * 8} bits, expected {bits}")
     return write_shard(ids, codes, bits, cfg, out_uri, rel_uri, trained=trained, s3_endpoint=s3_endpoint,
-                       threads=threads, labels=labels, where=str([s[0] for s in slices]))
+                       threads=threads, labels=labels, where=str([s[0] for s in slices]),
+                       relaxed=read_relaxed_slices(uri, slices, s3_endpoint) if relaxed else None)
 
 
 def write_shard(
     ids: np.ndarray, codes: np.ndarray, bits: int, cfg: IndexConfig, out_uri: str, rel_uri: str, *,
     trained: bytes | None = None, s3_endpoint: str | None = None, threads: int | None = None,
-    labels: "LabelTable | np.ndarray | None" = None, where: str = "",
+    labels: "LabelTable | np.ndarray | None" = None, where: str = "", relaxed: np.ndarray | None = None,
 ) -> ShardEntry:
     """Index ``(ids, codes)`` (any order; sorted here) as one shard at ``out_uri``, with its labels
     file beside it when ``labels`` is given (a :class:`LabelTable` to look the ids up in, or the
-    packed rows of ``ids`` themselves)."""
+    packed rows of ``ids`` themselves), and its relaxed codes (rows of ``ids``) when given."""
     import hashlib
 
     import faiss
@@ -325,6 +344,9 @@ def write_shard(
     if labels is not None:
         rows = labels.rows_of(ids, where) if isinstance(labels, LabelTable) else np.asarray(labels)[order]
         entry.labels = write_side_file(side_uri(out_uri, "labels"), side_uri(rel_uri, "labels"), rows, s3_endpoint)
+    if relaxed is not None:
+        entry.relaxed = write_side_file(side_uri(out_uri, "relaxed"), side_uri(rel_uri, "relaxed"),
+                                        np.asarray(relaxed, dtype=np.float16)[order], s3_endpoint)
     return entry
 
 
@@ -511,6 +533,11 @@ def _build_locked(
             raise ValueError(f"{man_uri}: the index carries {have}; append with "
                              + (f"--labels DATASET of {previous.num_classes} classes" if previous.num_classes
                                 else "no --labels (or rebuild the whole index with --labels)"))
+        had = any(e.relaxed for e in previous.shards)
+        if had != source.relaxed:
+            raise ValueError(f"{codes_uri}: the index's shards {'carry' if had else 'do not carry'} relaxed codes "
+                             f"(for re-ranking) and these codes {'do' if source.relaxed else 'do not'}; encode "
+                             f"them {'with' if had else 'without'} --relaxed")
         # The index's own type, parameters and quantizer; how this append cuts shards is the caller's.
         cfg = dataclasses.replace(previous.index, shard_size=cfg.shard_size, task_cpus=cfg.task_cpus,
                                   keep_builds=cfg.keep_builds)
@@ -535,7 +562,8 @@ def _build_locked(
     threads = max(1, int(cfg.task_cpus))
     args = [(codes_uri, sl, bits, cfg, join(base, rel), rel) for sl, rel in zip(plan, rels)]
     # task_cpus sizes Ray tasks; an in-process build keeps the process's own FAISS threads.
-    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads if use_ray else None, labels=labels)
+    kw = dict(trained=trained, s3_endpoint=s3_endpoint, threads=threads if use_ray else None, labels=labels,
+              relaxed=source.relaxed)
     if use_ray:
         import ray
 

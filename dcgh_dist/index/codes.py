@@ -125,8 +125,11 @@ def hamming_distances_packed(query_packed: np.ndarray, db_packed: np.ndarray) ->
 # Code shards (Parquet)
 
 
-def code_schema(bits: int, meta: dict[str, Any] | None = None) -> pa.Schema:
-    schema = pa.schema([("id", pa.int64()), ("code", pa.binary(bits // 8))])
+def code_schema(bits: int, meta: dict[str, Any] | None = None, relaxed: bool = False) -> pa.Schema:
+    fields = [("id", pa.int64()), ("code", pa.binary(bits // 8))]
+    if relaxed:  # the tanh outputs the bits came from, for re-ranking (jobs/encode.py --relaxed)
+        fields.append(("relaxed", pa.list_(pa.float16(), bits)))
+    schema = pa.schema(fields)
     if meta is not None:
         schema = schema.with_metadata({CODES_META_KEY: json.dumps(meta, sort_keys=True).encode()})
     return schema
@@ -140,20 +143,25 @@ def code_shard_meta(
             "modality": modality, **extra}
 
 
-def codes_table(ids: np.ndarray, packed: np.ndarray, meta: dict[str, Any] | None = None) -> pa.Table:
-    """(ids, packed codes) -> an Arrow table with the code-shard schema."""
+def codes_table(ids: np.ndarray, packed: np.ndarray, meta: dict[str, Any] | None = None,
+                relaxed: np.ndarray | None = None) -> pa.Table:
+    """(ids, packed codes[, relaxed (n, K) codes]) -> an Arrow table with the code-shard schema."""
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     width = packed.shape[1]
     code = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(width), len(packed), [None, pa.py_buffer(packed.tobytes())]
     )
-    return pa.Table.from_arrays(
-        [pa.array(np.asarray(ids, dtype=np.int64)), code], schema=code_schema(width * 8, meta)
-    )
+    columns = [pa.array(np.asarray(ids, dtype=np.int64)), code]
+    if relaxed is not None:
+        relaxed = np.ascontiguousarray(relaxed, dtype=np.float16)
+        if relaxed.shape != (len(packed), width * 8):
+            raise ValueError(f"relaxed codes are {relaxed.shape}, expected {(len(packed), width * 8)}")
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(relaxed.ravel(), pa.float16()), width * 8))
+    return pa.Table.from_arrays(columns, schema=code_schema(width * 8, meta, relaxed is not None))
 
 
 # Codes are random bits: compression and dictionaries buy nothing on them; ids compress well.
-CODE_SHARD_OPTIONS = {"compression": {"id": "zstd", "code": "none"}, "use_dictionary": False}
+CODE_SHARD_OPTIONS = {"compression": {"id": "zstd", "code": "none", "relaxed": "none"}, "use_dictionary": False}
 
 
 def code_shard_bytes(table: pa.Table) -> bytes:
@@ -216,3 +224,16 @@ def read_code_shard(fs: pafs.FileSystem, path: str, where: str | None = None) ->
         raise ValueError(f"{where}: column 'id' has null values")
     ids = ids_col.to_numpy().astype(np.int64, copy=False)
     return ids, codes_from_column(table.column("code"), where)
+
+
+def read_relaxed(fs: pafs.FileSystem, path: str, where: str | None = None) -> np.ndarray:
+    """The ``relaxed`` column of a code shard as (n, K) float16 (written by ``encode --relaxed``)."""
+    where = where or path
+    col = pq.read_table(path, filesystem=fs, columns=["relaxed"]).column("relaxed").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or col.null_count:
+        raise ValueError(f"{where}: column 'relaxed' must be fixed_size_list<float16>[K] without nulls, got {col.type}")
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float16).reshape(len(col), col.type.list_size)
+
+
+def has_relaxed(fs: pafs.FileSystem, path: str) -> bool:
+    return "relaxed" in pq.read_schema(path, filesystem=fs).names

@@ -85,10 +85,11 @@ class ShardView:
     the first time a selective filter scans them.
     """
 
-    def __init__(self, index, entry, *, deleted: np.ndarray, labels: np.ndarray | None):
+    def __init__(self, index, entry, *, deleted: np.ndarray, labels: np.ndarray | None, relaxed=None):
         self.index, self.entry = index, entry
         self._deleted_ids = deleted
         self._labels_by_id = labels  # id order, as stored
+        self._relaxed_loader = relaxed  # () -> (rows, bits) float16 in id order; read on first use
         self._lock = threading.RLock()  # one part is built from another (labels from the id order)
         self._cache: dict = {}
 
@@ -202,6 +203,26 @@ class ShardView:
             mask &= flt.label_mask(self.labels(), num_classes)
         return mask
 
+    @property
+    def has_relaxed(self) -> bool:
+        return self._relaxed_loader is not None
+
+    def relaxed(self) -> np.ndarray:
+        """Relaxed (tanh) codes in position order, float16 (memory-mapped where the file is local)."""
+        if self._relaxed_loader is None:
+            raise ValueError(f"shard {self.entry.uri} has no relaxed codes (encode with --relaxed)")
+
+        def build():
+            by_id = self._relaxed_loader()
+            _, order = self._sorted()
+            if order is None:
+                return by_id
+            out = np.empty(by_id.shape, by_id.dtype)
+            out[order] = by_id
+            return out
+
+        return self._get("relaxed", build)
+
     # -- codes ---------------------------------------------------------------------------------
 
     def flat(self):
@@ -235,14 +256,17 @@ class ShardView:
 
         return self._get("codes", build)
 
-    def live_contents(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(ids, codes, label rows or None) of the items not deleted, in id order: what a
-        compaction rewrites."""
+    def live_contents(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(ids, codes, label rows or None, relaxed codes or None) of the items not deleted, in id
+        order: what a compaction rewrites."""
         keep = self.live()
-        ids, codes = self.position_ids(), self.codes()
-        labels = self.labels() if self._labels_by_id is not None else None
-        if keep is not None:
-            ids, codes = ids[keep], codes[keep]
-            labels = labels[keep] if labels is not None else None
-        order = np.argsort(ids, kind="stable")
-        return ids[order], np.ascontiguousarray(codes[order]), (labels[order] if labels is not None else None)
+        if keep is None:
+            keep = np.ones(self.rows, dtype=bool)
+        order = np.argsort(self.position_ids()[keep], kind="stable")
+
+        def pick(a):
+            return None if a is None else np.ascontiguousarray(np.asarray(a)[keep][order])
+
+        return (pick(self.position_ids()), pick(self.codes()),
+                pick(self.labels() if self._labels_by_id is not None else None),
+                pick(self.relaxed() if self.has_relaxed else None))

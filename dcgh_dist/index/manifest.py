@@ -28,7 +28,8 @@ names. Layout (``format = dcgh-dist-index-v1``)::
          "sha256": "...", "bytes": 2000045,
          "tombstones": {"uri": "shards/<id>/tombstones-00000.npy", "count": 1000,
                         "sha256": "...", "bytes": 8128},      # deleted ids (or null)
-         "labels": {"uri": "shards/<id>/labels-00000.npy", "sha256": "...", "bytes": 2500128}}
+         "labels": {"uri": "shards/<id>/labels-00000.npy", "sha256": "...", "bytes": 2500128},
+         "relaxed": {"uri": "shards/<id>/relaxed-00000.npy", ...}}    # encode --relaxed (or null)
       ]
     }
 
@@ -138,13 +139,14 @@ class ShardEntry:
     # .npy, "count" of them) and its labels (a uint8 .npy of packed multi-hot rows in id order).
     tombstones: dict | None = None
     labels: dict | None = None
+    relaxed: dict | None = None  # the relaxed codes (float16 (rows, bits), id order), for re-ranking
 
     @property
     def deleted(self) -> int:
         return int(self.tombstones["count"]) if self.tombstones else 0
 
     def side_files(self) -> list[dict]:
-        return [f for f in (self.tombstones, self.labels) if f]
+        return [f for f in (self.tombstones, self.labels, self.relaxed) if f]
 
 
 def shard_dir(uri: str) -> str | None:
@@ -267,7 +269,7 @@ class IndexManifest:
                 raise ManifestError(
                     f"{where}: shard {i}: id_layout {s.id_layout!r} is not one of {list(ID_LAYOUTS)}"
                 )
-            for name in ("tombstones", "labels"):
+            for name in ("tombstones", "labels", "relaxed"):
                 side = getattr(s, name)
                 if side is None:
                     continue

@@ -16,8 +16,9 @@ is a per-call argument), so any number of threads may search it at once.
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -491,6 +492,48 @@ class ShardedIndex:
         return out_D, out_I
 
     # ---------------------------------------------------------------------------------------
+    # Re-ranking by the relaxed codes
+
+    def relaxed_scores(self, query_relaxed: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(nq, m) inner products of each query's relaxed (tanh) code with the stored relaxed codes
+        of the ids in its row of ``ids`` (-inf where an id is -1). Needs an index built from
+        ``encode --relaxed`` code shards."""
+        views = self._state()[1]
+        if not all(v.has_relaxed for v in views):
+            raise ValueError(f"{self.uri}: this index stores no relaxed codes, so it cannot re-rank; encode "
+                             "with --relaxed and build the index from those codes")
+        qr = np.asarray(query_relaxed, dtype=np.float32)
+        if qr.shape != (len(ids), self.bits):
+            raise ValueError(f"query_relaxed must be ({len(ids)}, {self.bits}), got {qr.shape}")
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        rows = np.zeros((flat.size, self.bits), dtype=np.float32)
+        for v in views:
+            pos, found = v.positions_of(flat)
+            found &= flat >= 0
+            live = v.live()
+            if live is not None:
+                found[found] = live[pos[found]]  # an id deleted here and live elsewhere: the live copy
+            if found.any():
+                rows[found] = v.relaxed()[pos[found]]
+        scores = np.einsum("qk,qmk->qm", qr, rows.reshape(*ids.shape, self.bits))
+        return np.where(np.asarray(ids) >= 0, scores, -np.inf).astype(np.float32)
+
+    def search_reranked(
+        self, query_codes: np.ndarray, query_relaxed: np.ndarray, k: int, *, factor: int = 4,
+        nprobe: int | None = None, filter: SearchFilter | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The Hamming top ``k * factor`` (:meth:`search_stable`, with ``filter``) re-ordered by
+        :meth:`relaxed_scores`, best first (equal scores keep the Hamming order), cut to k:
+        ``(hamming distances, ids, scores)``. What it buys and costs: docs/BENCHMARKS.md."""
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        D, I = self.search_stable(query_codes, k * factor, nprobe=nprobe, filter=filter)
+        S = self.relaxed_scores(query_relaxed, I)
+        order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1),
+                np.take_along_axis(S, order, axis=1))
+
+    # ---------------------------------------------------------------------------------------
     # Radius search
 
     def range_search(
@@ -635,16 +678,30 @@ def _load_shard(
         if labels.dtype != np.uint8 or labels.shape != (entry.rows, width):
             raise ManifestError(f"{where} labels: {labels.shape} {labels.dtype}, expected ({entry.rows}, "
                                 f"{width}) uint8 for {manifest.num_classes} classes")
-    view = ShardView(index, entry, deleted=deleted, labels=labels)
+    relaxed = None
+    if entry.relaxed:
+        relaxed = functools.partial(read_side_array, manifest_uri, entry.relaxed, s3_endpoint, f"{where} relaxed",
+                                    mmap=True)
+    view = ShardView(index, entry, deleted=deleted, labels=labels, relaxed=relaxed)
     return _Shard(index, mmapped, identity if verify == "once" else None, view)
 
 
-def read_side_array(manifest_uri: str, side: dict, s3_endpoint: str | None, where: str) -> np.ndarray:
-    """A shard's side file (tombstones, labels), checked against its manifest record."""
+def read_side_array(manifest_uri: str, side: dict, s3_endpoint: str | None, where: str, *,
+                    mmap: bool = False) -> np.ndarray:
+    """A shard's side file (tombstones, labels, relaxed codes), checked against its manifest
+    record; ``mmap``: a local file is hashed as a stream and then memory-mapped, not read."""
     import io
 
     uri = resolve_shard_uri(manifest_uri, side["uri"])
     fs, path = resolve_filesystem(uri, s3_endpoint)
+    if mmap and isinstance(fs, pafs.LocalFileSystem):
+        try:
+            digest, size = sha256_stream(fs, path)
+        except FileNotFoundError as e:
+            raise ManifestError(f"{where}: {uri} missing") from e
+        if size != side["bytes"] or digest != side["sha256"]:
+            raise ManifestError(f"{where}: {uri} does not match the manifest's size and sha256; rebuild the index")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     try:
         data = read_bytes(fs, path)
     except FileNotFoundError as e:

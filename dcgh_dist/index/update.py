@@ -151,16 +151,19 @@ def compact_index(index_uri: str, *, shard_size: int | None = None, keep_builds:
         ids = np.concatenate([p[0] for p in parts])
         codes = np.concatenate([p[1] for p in parts])
         labels = np.concatenate([p[2] for p in parts]) if previous.num_classes else None
+        relaxed = np.concatenate([p[3] for p in parts]) if all(p[3] is not None for p in parts) else None
         order = np.argsort(ids, kind="stable")
         ids, codes = ids[order], codes[order]
         labels = labels[order] if labels is not None else None
+        relaxed = relaxed[order] if relaxed is not None else None
         new: list[ShardEntry] = []
         for n, start in enumerate(range(0, len(ids), cfg.shard_size)):
             sl = slice(start, start + cfg.shard_size)
             rel = f"shards/{build_id}/shard-{n:05d}{SHARD_SUFFIX}"
             new.append(write_shard(ids[sl], codes[sl], previous.bits, cfg, join(base, rel), rel, trained=trained,
                                    s3_endpoint=s3_endpoint, threads=faiss.omp_get_max_threads(),
-                                   labels=labels[sl] if labels is not None else None, where=man_uri))
+                                   labels=labels[sl] if labels is not None else None, where=man_uri,
+                                   relaxed=relaxed[sl] if relaxed is not None else None))
         kept = [e for i, e in enumerate(previous.shards) if i not in set(redo)]
         manifest = dataclasses.replace(
             previous, shards=kept + new, build_id=build_id, operation="compact", index=cfg,
