@@ -133,6 +133,16 @@ def assert_ivf_equals_brute_force_over_what_it_probes(index, q, k, nprobe, ids, 
         assert set(I[j, :n].tolist()) <= set(ids[m][d <= want[-1]].tolist()) if n else True
 
 
+def _probed_reference(index, q, k, nprobe, ids, codes, flt) -> np.ndarray:
+    """Per query, the k best distances among the allowed items the probed lists hold
+    (int32 max where there are fewer)."""
+    out = np.full((len(q), k), np.iinfo(np.int32).max, dtype=np.int64)
+    for j, seen in enumerate(probed(index, q, nprobe, flt)):
+        d = np.sort(hamming_distances_packed(q[j:j + 1], codes[np.isin(ids, seen)])[0])[:k]
+        out[j, :len(d)] = d
+    return out
+
+
 def assert_no(ids: np.ndarray, forbidden: np.ndarray) -> None:
     assert not np.isin(ids[ids >= 0], forbidden).any(), "a deleted or filtered-out id was returned"
 
@@ -210,8 +220,16 @@ def allowed(data, keep, spec) -> np.ndarray:
     return ok
 
 
+@pytest.mark.parametrize("left_out_fetch", ["default", 0])
 @pytest.mark.parametrize("name", list(FILTERS))
-def test_filtered_search_equals_brute_force_over_the_filtered_set(live, data, name):
+def test_filtered_search_equals_brute_force_over_the_filtered_set(live, data, name, left_out_fetch, monkeypatch):
+    """Every path of a filtered search: with the default LEFT_OUT_FETCH these small shards take
+    the fetch-k-plus-the-left-out path; with 0, the gathered scan (flat) and the broad-filter
+    fetch with its exact fallback (IVF, multihash)."""
+    import dcgh_dist.index.search as search_mod
+
+    if left_out_fetch == 0:
+        monkeypatch.setattr(search_mod, "LEFT_OUT_FETCH", 0)
     spec = FILTERS[name]
     flt = SearchFilter.of(**spec)
     ok = allowed(data, live["keep"], spec)
@@ -235,8 +253,14 @@ def test_filtered_search_equals_brute_force_over_the_filtered_set(live, data, na
         assert_no(I, data["ids"][~ok])
         if ok.sum() * 16 <= 3000:  # selective: the allowed items are scanned exactly, whatever nprobe
             assert np.array_equal(D, want_D)
-        else:
+        elif left_out_fetch == "default":
             assert_ivf_equals_brute_force_over_what_it_probes(index, q, k, 2, ids, codes, flt)
+        else:
+            # Broad: what the probed lists hold, or (a query they leave short) the exact answer:
+            # never worse than probing (so as many results), never better than exact, in order.
+            probed_D = _probed_reference(index, q, k, 2, ids, codes, flt)
+            assert (D >= want_D).all() and (D <= probed_D).all()
+            assert (np.diff(D, axis=1) >= 0).all() and all(len(set(r[r >= 0])) == (r >= 0).sum() for r in I)
 
 
 def test_a_filter_with_fewer_than_k_items_gives_them_all_then_nothing(live, data):
