@@ -459,3 +459,21 @@ def test_rerank_equals_reordering_the_brute_force_top(data, tmp_path):
         ShardedIndex.open(plain).search_reranked(q, q_relaxed, k)
     with pytest.raises(ValueError, match="carry relaxed codes .* and these codes do not"):
         build_index(data["parts"][1], str(tmp_path / "idx-flat"), config("flat"), use_ray=False, append=True)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_shards_smaller_than_k_with_tombstones_and_filters(data, tmp_path, index_type):
+    """k larger than a shard: every masked path still fills k from all shards together."""
+    d = str(tmp_path / "idx")
+    cfg = IndexConfig(index_type=index_type, shard_size=50, nlist=4, nprobe=4)
+    build_index(data["parts"][0], d, cfg, use_ray=False, labels_uri=data["dataset"])
+    gone = np.arange(0, 1000, 7)
+    delete_ids(d, gone)
+    ok = ~np.isin(np.arange(1000), gone)
+    q = queries(data, 10)
+    index = ShardedIndex.open(d)
+    codes = data["codes"][:1000]
+    for flt, mask in ((None, ok), (SearchFilter.of(labels_any=[0]), ok & data["labels"][:1000, 0])):
+        D, I = index.search_stable(q, 120, filter=flt)
+        want_D, want_I = brute_force_search(q, codes[mask], np.arange(1000)[mask], 120)
+        assert np.array_equal(D, want_D) and np.array_equal(I, want_I)

@@ -432,10 +432,13 @@ class ShardedIndex:
         ok = (ids.ravel() >= 0) & found
         ok[ok] = allowed[pos[ok]]
         ok = ok.reshape(ids.shape)
-        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # the allowed ones, best first
+        w = min(k, kk)  # a shard smaller than k gives fewer columns
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :w]  # the allowed ones, best first
         got = np.take_along_axis(ok, order, axis=1)
-        D[rows_of] = np.where(got, np.take_along_axis(d, order, axis=1), _MISSING_DIST)
-        I[rows_of] = np.where(got, np.take_along_axis(ids, order, axis=1), -1)
+        D[rows_of] = _MISSING_DIST
+        I[rows_of] = -1
+        D[rows_of, :w] = np.where(got, np.take_along_axis(d, order, axis=1), _MISSING_DIST)
+        I[rows_of, :w] = np.where(got, np.take_along_axis(ids, order, axis=1), -1)
         # A row whose fetch came back incomplete has seen all FAISS can find for it.
         short = (got.sum(axis=1) < k) & (ids >= 0).all(axis=1)
         return rows_of[short]
