@@ -90,7 +90,7 @@ def main(argv=None) -> None:
             r = train_job.main(["--dataset", args.dataset, "--output-dir", out, f"train.seed={seed}"])
             ckpt = os.path.join(out, "checkpoint")
             cfg = read_meta(ckpt).config
-            codes = encode_splits(r["dataset"], read_dataset_info(r["dataset"]), cfg, ckpt)
+            codes = encode_splits(r["dataset"], read_dataset_info(r["dataset"]), cfg, {"trained": ckpt})["trained"]
             is_q = codes["split"] == "query"
             for task, (qm, dm) in {"i2t": ("image", "text"), "t2i": ("text", "image")}.items():
                 qr, dr = codes[f"{qm}_codes"][is_q], codes[f"{dm}_codes"][~is_q]

@@ -1,13 +1,15 @@
 """The training job against the plain-torch loop of the same model, batch and step, in one run.
 
 (a) the exact step of ``bench_train.py`` in plain torch (no Ray, all of the machine's cores as
-torch threads), and (b) ``jobs/train.py --dataset D`` with 1 and 2 workers, in the same process
-on one local Ray cluster. Prints pairs/s of each and the ratio to (a), then where an epoch of the
+torch threads; then again in this process once a Ray cluster is running beside it), and (b)
+``jobs/train.py --dataset D`` with 1 and 2 workers, in the same process on that cluster (with its
+dashboard, as the job starts it). Prints pairs/s of each and the ratio to (a), then where an epoch of the
 job goes: data wait, host-to-device, forward, loss (with the gather of every worker's codes),
 backward, optimizer, the loop's own remainder, validation, and the checkpoint report. Medians
 over the epochs after the first (the first also pays the workers' start-up).
 
     python benchmarks/bench_train_job.py                          # the demo, 4 epochs, 1 and 2 workers
+    python benchmarks/bench_train_job.py --batch-size 64          # the same at 64 pairs per worker
     python benchmarks/bench_train_job.py --workers 1 --epochs 3
     python benchmarks/bench_train_job.py --features-rows 100000 --workers 1   # the phases only
 
@@ -56,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--plain-steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per worker per step (default: the preset's)")
     p.add_argument("--features-rows", type=int, default=None,
                    help="train on a generated feature dataset of this many rows instead (no plain loop)")
     args = p.parse_args(argv)
@@ -82,17 +85,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
         preset, batch = "features", cfg.data.batch_size
     else:
         cfg = load_config(preset=TRAIN_PRESETS.get(args.dataset))  # the dataset's own training preset
-        preset, batch = cfg.model.clip_preset, cfg.data.batch_size
+        preset, batch = cfg.model.clip_preset, args.batch_size or cfg.data.batch_size
         torch.set_num_threads(cores)
         plain = time_steps(preset, batch, args.plain_steps, 3, "fp32", "cpu")
         print(f"plain torch, {preset}, batch {batch}, {cores} threads: {plain:.1f} pairs/s", flush=True)
 
     jobs = {}
-    with ray_session(None, num_cpus=max(4, os.cpu_count() or 1)):
+    plain_ray_up = None
+    with ray_session(None, num_cpus=max(4, os.cpu_count() or 1), dashboard=True):
+        if plain:
+            # The same plain step in this process with a Ray cluster merely running beside it:
+            # what Ray's own processes cost the computation, before any of the job's machinery.
+            plain_ray_up = time_steps(preset, batch, args.plain_steps, 3, "fp32", "cpu")
+            print(f"plain torch, Ray cluster up: {plain_ray_up:.1f} pairs/s", flush=True)
         for w in args.workers:
             t0 = time.perf_counter()
             r = train_job.main(["--dataset", args.dataset, "--epochs", str(args.epochs), "--num-workers", str(w),
-                                "--output-dir", os.path.join(work, f"w{w}"), "--skip-baseline", "train.patience=0"])
+                                "--output-dir", os.path.join(work, f"w{w}"), "--skip-baseline", "train.patience=0",
+                                *(["--batch-size", str(args.batch_size)] if args.batch_size else [])])
             r["wall"] = time.perf_counter() - t0
             jobs[w] = r
 
@@ -104,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print("|---|---|---|---|---|")
     if plain:
         print(f"| plain torch, {cores} threads | {plain:.1f} | 1.00 | | |")
+        print(f"| plain torch, {cores} threads, Ray cluster up | {plain_ray_up:.1f} | {ratio(plain_ray_up)} | | |")
     for w, r in jobs.items():
         later = r["history"][1:]
         train_pps = statistics.median(h["pairs_per_s"] for h in later)
@@ -117,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for phase in PHASES:
         print(f"| {phase} | " + " | ".join(f"{splits[w].get(phase, float('nan')):.2f}" for w in jobs) + " |")
     print("| job wall, start to metrics.json | " + " | ".join(f"{r['wall']:.0f}" for r in jobs.values()) + " |")
-    return {"plain": plain, "jobs": jobs, "splits": splits}
+    return {"plain": plain, "plain_ray_up": plain_ray_up, "jobs": jobs, "splits": splits}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -18,34 +18,42 @@ from dcgh_dist.metrics import TASKS
 
 logger = logging.getLogger(__name__)
 
+_PASSTHROUGH = ("id", "labels", "split")  # the columns every model's codes share
 
 
 def encode_splits(
-    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
-    bits: int | Sequence[int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Relaxed codes, labels and splits of every query/db row, via a Ray Data actor pool; with a
-    list of code lengths, each length's codes as ``<modality>_codes@K`` from one pass of the towers."""
+    uri: str, info: DatasetInfo, cfg: Config, checkpoints: Mapping[str, str | None],
+    files: Sequence[str] | None = None, bits: int | Sequence[int] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{name: relaxed codes, labels and splits of every query/db row}`` for each model in
+    ``checkpoints`` (``{name: checkpoint directory, or None for the untrained model of cfg}``),
+    through one Ray Data pipeline: the rows are read and preprocessed once and every model's
+    towers run on each batch in one actor (decoding the images is the larger half of an
+    evaluation, so a trained model and its untrained baseline share it). With a list of code
+    lengths, each length's codes are ``<modality>_codes@K``, from one pass of the towers."""
     import ray
     import ray.data
 
     from dcgh_dist.data.pipeline import collect, read_split
-    from dcgh_dist.encoding.actor import EncodeBatches
+    from dcgh_dist.encoding.actor import EncodeEach
     from dcgh_dist.models.checkpoint import read_checkpoint_files
 
-    source = ({"checkpoint": ray.put(read_checkpoint_files(checkpoint_dir, cfg.data.s3_endpoint))}
-              if checkpoint_dir is not None else {"config": cfg.to_dict(), "dataset_info": info.to_json()})
+    sources = {name: ({"checkpoint": ray.put(read_checkpoint_files(ckpt, cfg.data.s3_endpoint))}
+                      if ckpt is not None else {"config": cfg.to_dict(), "dataset_info": info.to_json()})
+               for name, ckpt in checkpoints.items()}
     ds = read_split(uri, info, cfg, ["query", "train", "val", "db"], keep_split=True, files=files)
     ds = ds.map_batches(
-        EncodeBatches,
-        fn_constructor_args=(source, ("image", "text")),
-        fn_constructor_kwargs={"packed": False, "passthrough": ("id", "labels", "split"), "bits": bits},
+        EncodeEach,
+        fn_constructor_args=(sources, bits, _PASSTHROUGH),
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),  # the model is loaded once, in the actor
+        compute=ray.data.ActorPoolStrategy(size=1),  # the models are loaded once, in the actor
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    return collect(ds)  # in id order: the database order ties in the ranking follow
+    rows = collect(ds)  # in id order: the database order ties in the ranking follow
+    common = {k: rows[k] for k in _PASSTHROUGH}
+    return {name: {**common, **{k[len(name) + 1:]: v for k, v in rows.items() if k.startswith(f"{name}/")}}
+            for name in checkpoints}
 
 
 def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -72,17 +80,20 @@ def score(codes: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, Any], di
 
 
 def evaluate(
-    uri: str, info: DatasetInfo, cfg: Config, checkpoint_dir: str | None, files: Sequence[str] | None = None,
-    lengths: Sequence[int] | None = None,
-) -> dict[int, tuple[dict[str, Any], dict[str, dict]]]:
-    """``{bits: (metrics, PR curves)}`` of a checkpoint (None: the untrained model of ``cfg``) at
-    each of its code ``lengths`` (None: every length of ``cfg``), the data read and the towers run
-    once for all of them."""
+    uri: str, info: DatasetInfo, cfg: Config, checkpoints: Mapping[str, str | None],
+    files: Sequence[str] | None = None, lengths: Sequence[int] | None = None,
+) -> dict[str, dict[int, tuple[dict[str, Any], dict[str, dict]]]]:
+    """``{name: {bits: (metrics, PR curves)}}`` of each model in ``checkpoints`` (``{name:
+    checkpoint directory, or None for the untrained model of cfg}``) at each of its code
+    ``lengths`` (None: every length of ``cfg``), the data read and each model's towers run once
+    for all of them."""
     lengths = tuple(lengths or cfg.model.lengths)
-    codes = encode_splits(uri, info, cfg, checkpoint_dir, files, lengths)
-    common = {k: codes[k] for k in ("labels", "split")}
-    return {k: score({**common, "image_codes": codes[f"image_codes@{k}"], "text_codes": codes[f"text_codes@{k}"]},
-                     cfg) for k in lengths}
+    out = {}
+    for name, codes in encode_splits(uri, info, cfg, checkpoints, files, lengths).items():
+        common = {k: codes[k] for k in ("labels", "split")}
+        out[name] = {k: score({**common, "image_codes": codes[f"image_codes@{k}"],
+                               "text_codes": codes[f"text_codes@{k}"]}, cfg) for k in lengths}
+    return out
 
 
 def write_pr_plot(curves: dict[str, dict], baselines: dict[str, dict[str, dict] | None], path: str,

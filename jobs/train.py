@@ -133,14 +133,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             outcome = run_training(cfg, plan=plan)
         train_s = time.time() - t0
         info = outcome.scan.info
-        logger.info("evaluating checkpoint (epoch %d) on the query split", outcome.selected_epoch)
+        logger.info("evaluating checkpoint (epoch %d)%s on the query split", outcome.selected_epoch,
+                    "" if args.skip_baseline else " and the untrained model")
+        models = {"trained": outcome.checkpoint_dir, **({} if args.skip_baseline else {"untrained": None})}
         # every code length of a multi-length run, each scored exactly as the primary one
-        trained = evaluate(outcome.dataset_uri, info, cfg, outcome.checkpoint_dir, outcome.scan.files)
+        evaluated = evaluate(outcome.dataset_uri, info, cfg, models, outcome.scan.files)
+        trained, untrained = evaluated["trained"], evaluated.get("untrained", {})
         metrics, curves = trained[cfg.model.bits]
-        untrained: dict[int, tuple] = {}
-        if not args.skip_baseline:
-            logger.info("evaluating the untrained model the same way")
-            untrained = evaluate(outcome.dataset_uri, info, cfg, None, outcome.scan.files)
         baseline, base_curves = untrained.get(cfg.model.bits, (None, None))
         by_bits = {k: {**trained[k][0], "untrained": untrained[k][0] if untrained else None}
                    for k in cfg.model.extra_bits}

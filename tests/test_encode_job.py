@@ -262,8 +262,6 @@ def test_build_index_job_appends_with_labels_as_ray_tasks(encoded_demo, demo_sub
     assert np.array_equal(D, want_D) and np.array_equal(I, want_I)
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(400)
 def labels_to_multihot(labels, num_classes: int) -> np.ndarray:
     out = np.zeros((len(labels), num_classes), dtype=np.float32)
     for i, row in enumerate(labels):
@@ -271,6 +269,8 @@ def labels_to_multihot(labels, num_classes: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(400)
 def test_evaluate_job_matches_in_memory_metrics(encoded_demo, demo_subset, tmp_path):
     """jobs/evaluate.py (top-k via the index) == dcgh_dist.metrics (whole ranking in memory)."""
     import build_index as build_job
@@ -315,6 +315,29 @@ def test_evaluate_job_matches_in_memory_metrics(encoded_demo, demo_subset, tmp_p
                                                 and not k.startswith("reference_")}
         for name, value in ref.items():
             assert res[f"{name}_{task}"] == pytest.approx(value, abs=1e-12), (task, name)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_training_evaluation_scores_both_models_from_one_read(demo_subset, tmp_path, ray_cluster):
+    """jobs/train.py's evaluation runs the trained model and the untrained baseline on the same
+    decoded batches: each model's metrics equal those of its own evaluation."""
+    from dcgh_dist.config import Config, ModelConfig
+    from dcgh_dist.data.format import read_dataset_info
+    from dcgh_dist.evaluation import evaluate
+
+    info = read_dataset_info(demo_subset)
+    cfg = Config(model=ModelConfig(clip_preset="tiny", bits=BITS))  # train.seed 0: the untrained model
+    other = make_checkpoint(str(tmp_path / "seed1"), info, seed=1)  # a different model
+    both = evaluate(demo_subset, info, cfg, {"trained": other, "untrained": None})
+    alone = {name: evaluate(demo_subset, info, cfg, {name: ckpt})[name]
+             for name, ckpt in {"trained": other, "untrained": None}.items()}
+    assert set(both) == {"trained", "untrained"}
+    for name in both:
+        (metrics, curves), (ref, ref_curves) = both[name][BITS], alone[name][BITS]
+        assert metrics == ref and metrics["num_query"] > 20
+        np.testing.assert_array_equal(curves["i2t"]["precision"], ref_curves["i2t"]["precision"])
+    assert both["trained"][BITS][0]["map_i2t"] != both["untrained"][BITS][0]["map_i2t"]
 
 
 def test_encode_refuses_bad_input_before_any_work(tmp_path, checkpoint, demo_small):

@@ -78,6 +78,25 @@ class EncodeBatches:
         return out
 
 
+class EncodeEach:
+    """Ray Data actor: each preprocessed batch through every named model of ``sources`` (``{name:
+    source}``, each as :class:`EncodeBatches` takes it), relaxed codes as
+    ``<name>/<modality>_codes[@K]``: one read and decode of the data for several models (a
+    trained checkpoint and its untrained baseline)."""
+
+    def __init__(self, sources: dict[str, dict[str, Any]], bits: int | Sequence[int] | None,
+                 passthrough: Sequence[str] = ("id",)):
+        self.models = {name: EncodeBatches(src, ("image", "text"), packed=False, passthrough=(), bits=bits)
+                       for name, src in sources.items()}
+        self.passthrough = tuple(passthrough)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: batch[k] for k in self.passthrough}
+        for name, model in self.models.items():
+            out.update({f"{name}/{k}": v for k, v in model(batch).items()})
+        return out
+
+
 class Preprocess:
     """A BatchPreprocessor as a Ray Data task, keeping the ``path`` column (the encoding driver
     groups rows by input file)."""
