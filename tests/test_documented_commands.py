@@ -6,7 +6,7 @@ Each block runs in a scratch copy of the repository's scripts (``jobs/``, ``serv
 paths such as ``runs/demo`` land there, never in the checkout), as subprocesses with the
 environment a user has: no test cluster to join (``RAY_ADDRESS`` unset), Ray sizing itself from
 the machine. The one change made to a documented command is named where it is made: training
-runs one epoch instead of the demo's 20, to keep CI short.
+runs one epoch instead of the demo's 16, to keep CI short.
 """
 
 from __future__ import annotations
