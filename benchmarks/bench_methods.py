@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-from common import REPO, machine, spread  # benchmarks/common.py: a script's own folder is on sys.path
+from common import machine, spread  # benchmarks/common.py: a script's own folder is on sys.path
 
-sys.path.insert(0, os.path.join(REPO, "jobs"))
 
 
 def main(argv=None) -> None:
@@ -38,7 +36,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import torch  # noqa: F401
 
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.ray_session import ray_session
 
@@ -53,7 +51,7 @@ def main(argv=None) -> None:
                     out = os.path.join(work, f"{method}-{bits}-{seed}")
                     t0 = time.perf_counter()
                     r = train_job.main(["--dataset", args.dataset, "--output-dir", out, "--method", method,
-                                        "--bits", str(bits), f"train.seed={seed}", *args.overrides])
+                                        "--bits", str(bits), f"train.seed={seed}", *args.overrides]).metrics
                     r["wall"] = time.perf_counter() - t0
                     runs.setdefault((method, bits), []).append(r)
 
@@ -63,7 +61,7 @@ def main(argv=None) -> None:
                 out = os.path.join(work, f"{method}-multi-{seed}")
                 t0 = time.perf_counter()
                 r = train_job.main(["--dataset", args.dataset, "--output-dir", out, "--method", method,
-                                    f"model.bits={list(args.bits)}", f"train.seed={seed}", *args.overrides])
+                                    f"model.bits={list(args.bits)}", f"train.seed={seed}", *args.overrides]).metrics
                 r["wall"] = time.perf_counter() - t0
                 multi.setdefault(method, []).append(r)
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-from common import REPO, machine, spread  # benchmarks/common.py: a script's own folder is on sys.path
+from common import machine, spread  # benchmarks/common.py: a script's own folder is on sys.path
 
-sys.path.insert(0, os.path.join(REPO, "jobs"))
 
 
 def main(argv=None) -> None:
@@ -32,7 +30,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import torch  # noqa: F401
 
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.ray_session import ray_session
 
@@ -42,7 +40,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             t0 = time.perf_counter()
             r = train_job.main(["--dataset", args.dataset, "--output-dir", os.path.join(work, f"seed{seed}"),
-                                f"train.seed={seed}", *args.overrides])
+                                f"train.seed={seed}", *args.overrides]).metrics
             r["wall"] = time.perf_counter() - t0
             runs.append(r)
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from common import REPO, machine, spread  # benchmarks/common.py
+from common import machine, spread  # benchmarks/common.py
 
-sys.path.insert(0, os.path.join(REPO, "jobs"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +66,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import torch  # noqa: F401
 
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.data.format import read_dataset_info
     from dcgh_dist.evaluation import encode_splits
@@ -87,7 +85,7 @@ def main(argv=None) -> None:
     with ray_session(None, num_cpus=max(4, os.cpu_count() or 1)):
         for seed in args.seeds:
             out = os.path.join(work, f"seed{seed}")
-            r = train_job.main(["--dataset", args.dataset, "--output-dir", out, f"train.seed={seed}"])
+            r = train_job.main(["--dataset", args.dataset, "--output-dir", out, f"train.seed={seed}"]).metrics
             ckpt = os.path.join(out, "checkpoint")
             cfg = read_meta(ckpt).config
             codes = encode_splits(r["dataset"], read_dataset_info(r["dataset"]), cfg, {"trained": ckpt})["trained"]

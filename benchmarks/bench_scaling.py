@@ -29,7 +29,6 @@ from common import machine  # benchmarks/common.py: a script's own folder is on 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "jobs"))
 
 SETTINGS = {
     "ddp-1": ["--num-workers", "1"],
@@ -88,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     import yaml
 
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
     from dcgh_dist.ray_session import ray_session
 
     rows = []
@@ -103,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                         f"data.demo_size={args.demo_size}", f"data.data_root={tmp}/data",
                         "train.select_on_val=false", "train.cpus_per_worker=1", *SETTINGS[name],
                         *(["--use-gpu"] if args.use_gpu else []), *args.override,
-                    ])
+                    ]).metrics
                 last = result["history"][-1]
                 rows.append({"setting": name, "pairs_per_s": last["pairs_per_s"],
                              "epoch_s": last["epoch_seconds"], "data_wait": last.get("data_wait_share"),

@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Sequence
 
-from common import REPO, machine  # benchmarks/common.py: a script's own folder is on sys.path
+from common import machine  # benchmarks/common.py: a script's own folder is on sys.path
 
-sys.path.insert(0, os.path.join(REPO, "jobs"))
 
 PHASES = ("data wait", "h2d", "forward", "loss_and_gather", "backward", "optimizer", "loop other",
           "validation", "report")
@@ -65,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import torch
 
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
     from bench_train import time_steps
 
     from dcgh_dist.config import load_config
@@ -102,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             t0 = time.perf_counter()
             r = train_job.main(["--dataset", args.dataset, "--epochs", str(args.epochs), "--num-workers", str(w),
                                 "--output-dir", os.path.join(work, f"w{w}"), "--skip-baseline", "train.patience=0",
-                                *(["--batch-size", str(args.batch_size)] if args.batch_size else [])])
+                                *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]).metrics
             r["wall"] = time.perf_counter() - t0
             jobs[w] = r
 

@@ -145,3 +145,12 @@ def ray_cluster():
 
     with ray_session(num_cpus=4, dashboard=True):
         yield ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers (README, Tests) by what a test uses: one that starts or joins a local Ray cluster
+    (the ``ray_cluster`` fixture, directly or through another fixture) is marked ``ray`` even if
+    its author forgot, so ``-m "not ray"`` is a loop without Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)

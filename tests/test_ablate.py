@@ -7,7 +7,6 @@ import json
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,8 @@ import yaml
 from dcgh_dist.cli import run_job
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
-import ablate  # noqa: E402  jobs/ablate.py
+from dcgh_dist.jobs import ablate  # noqa: E402
 
 EXPECTED = {
     "full": {},
@@ -78,14 +76,14 @@ def test_unknown_variant_is_one_error_line_listing_the_valid_ones(capsys):
 
 
 def test_run_command_lines(tmp_path, capsys):
-    import train  # jobs/train.py
+    from dcgh_dist.jobs.train import build_config, parse_args
 
     args = ablate.parse_args(["--dataset", "demo-features", "--output", str(tmp_path), "--bits", "16",
                               "loss.variance_weight=0.5", "optim.head_lr=3e-4"])
     assert args.num_workers == 2 and args.seeds == [0] and args.variants == list(EXPECTED)
     for variant, seed in (("full", 0), ("no-variance", 3), ("gather-local", 1)):
         argv = ablate.train_argv(args, str(tmp_path / "r"), variant, seed)
-        cfg = train.build_config(train.parse_args(argv))
+        cfg = build_config(parse_args(argv))
         assert (cfg.model.bits, cfg.train.num_workers, cfg.train.seed) == (16, 2, seed)
         assert cfg.optim.head_lr == 3e-4 and cfg.train.output_dir == str(tmp_path / "r")
         # the user's override stays for the full run; the variant wins on the key it ablates
@@ -98,13 +96,13 @@ def test_run_command_lines(tmp_path, capsys):
 
 
 def test_finished_runs_are_refused_or_kept_never_overwritten(tmp_path, capsys):
-    import train
+    from dcgh_dist.jobs.train import build_config, parse_args
 
     out = tmp_path / "abl"
     argv = ["--dataset", str(tmp_path / "no-such-dataset"), "--output", str(out), "--variants", "no-variance"]
     run_dir = out / "runs" / "no-variance-s0"
     run_dir.mkdir(parents=True)
-    cfg = train.build_config(train.parse_args(ablate.train_argv(ablate.parse_args(argv), str(run_dir),
+    cfg = build_config(parse_args(ablate.train_argv(ablate.parse_args(argv), str(run_dir),
                                                                 "no-variance", 0)))
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "metrics.json").write_text(json.dumps({"map_i2t": 0.5}))

@@ -66,29 +66,19 @@ def test_parse_overrides_nests():
 
 def test_train_job_takes_overrides_between_flags():
     """`jobs/train.py` as people type it: overrides before, between and after flags."""
-    import importlib.util
-    import pathlib
+    from dcgh_dist.jobs.train import build_config, parse_args
 
-    spec = importlib.util.spec_from_file_location(
-        "train_job", pathlib.Path(__file__).resolve().parents[1] / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    args = job.parse_args(["loss.variance_mode=masked", "--dataset", "demo", "optim.head_lr=3e-4",
+    args = parse_args(["loss.variance_mode=masked", "--dataset", "demo", "optim.head_lr=3e-4",
                            "--num-workers", "2", "train.engine=deepspeed", "train.zero_stage=2"])
-    cfg = job.build_config(args)
+    cfg = build_config(args)
     assert (cfg.train.num_workers, cfg.train.engine, cfg.train.zero_stage) == (2, "deepspeed", 2)
     assert cfg.loss.variance_mode == "masked" and cfg.optim.head_lr == 3e-4
 
 
 def _job(name: str):
-    import importlib.util
-    import pathlib
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_job", pathlib.Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
+    return importlib.import_module(f"dcgh_dist.jobs.{name}")
 
 
 @pytest.mark.parametrize("name", ["train", "encode", "build_index", "evaluate", "prepare_data"])

@@ -8,7 +8,6 @@ different sizes, so the global counts (not world_size x local ones) are what is 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from dcgh_dist.config import DAPHConfig, ModelConfig
 from dcgh_dist.distributed import distributed_daph_hash_loss, distributed_daph_proxy_loss
 from dcgh_dist.models import build_model
 from dcgh_dist.models.daph import build_daph_proxy_nets
+from sockets import free_port  # tests/sockets.py
 
 C, K, D, N_EXTRA = 5, 16, 12, 9
 RULES = ("exact", "superset")
@@ -115,17 +115,11 @@ def _worker(rank: int, world: int, port: int, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as mgr:
         results = mgr.dict()
-        mp.start_processes(_worker, args=(world, _free_port(), results), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), results), nprocs=world, join=True,
                            start_method="spawn")
         return dict(results)
 

@@ -17,7 +17,6 @@ import pytest
 from dcgh_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 
 def _codes(n=20, k=16, c=4, seed=0):
@@ -28,7 +27,7 @@ def _codes(n=20, k=16, c=4, seed=0):
 
 
 def test_proxy_codes_round_trip_and_refusals(tmp_path):
-    from dcgh_dist.train.daph import read_proxy_codes, write_proxy_codes
+    from dcgh_dist.train.proxy_codes import read_proxy_codes, write_proxy_codes
 
     cfg = load_config(overrides=["model.bits=16", "train.method=daph"])
     path = str(tmp_path / "codes.npz")
@@ -109,18 +108,18 @@ def test_stage2_without_proxy_codes_stops_before_ray(tmp_path, demo_features):
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_daph_both_stages_then_encode_index_search(tmp_path, demo_features, ray_cluster):
-    import evaluate as evaluate_job  # jobs/evaluate.py
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import evaluate as evaluate_job
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.data.format import scan_dataset
     from dcgh_dist.index import ShardedIndex
     from dcgh_dist.models.encoder import Encoder
-    from dcgh_dist.train.daph import read_proxy_codes
+    from dcgh_dist.train.proxy_codes import read_proxy_codes
 
     out = tmp_path / "run"
     common = ["--dataset", demo_features, "--output-dir", str(out), "--method", "daph", "--num-workers", "2",
               "--batch-size", "64", "--epochs", "6", "--bits", "32", "train.patience=3", "daph.proxy_epochs=3"]
-    result = train_job.main(common)
+    result = train_job.main(common).metrics
     assert result["method"] == "daph"
     # stage 1: its own run and checkpoint; proxy codes for every training row, tied to the dataset
     stage1 = out / "stage1"
@@ -157,6 +156,6 @@ def test_daph_both_stages_then_encode_index_search(tmp_path, demo_features, ray_
         index.close()
 
     # --resume of both stages reuses the finished stage 1 and continues stage 2's run
-    again = train_job.main([*common, "--resume", "--epochs", "7", "--skip-baseline"])
+    again = train_job.main([*common, "--resume", "--epochs", "7", "--skip-baseline"]).metrics
     assert again["daph_stage1"] is None  # stage 1 was not redone
     assert again["history"][:len(result["history"])] == result["history"]

@@ -7,7 +7,6 @@ same ``distributed_dcgh_loss`` the training loop calls.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,14 +17,9 @@ from dcgh_dist.config import LossConfig, ModelConfig
 from dcgh_dist.distributed import all_reduce_grads, distributed_dcgh_loss
 from dcgh_dist.losses import ClassProxies
 from dcgh_dist.models import build_model
+from sockets import free_port  # tests/sockets.py
 
 B, C, K, D = 6, 5, 32, 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make(world: int, seed: int = 0):
@@ -77,7 +71,7 @@ def _run(world: int, gather: str = "global"):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as mgr:
         results = mgr.dict()
-        mp.start_processes(_worker, args=(world, _free_port(), gather, results), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), gather, results), nprocs=world,
                            join=True, start_method="spawn")
         return dict(results)
 

@@ -215,24 +215,17 @@ def test_every_documented_job_command_parses(where, command):
     tree (flags, `section.key=value` overrides, keys the job reads), as the job does first: a
     renamed flag or key fails here, not on a user's machine. (Paths such as /data/... are not
     opened: parsing is the part docs and code can disagree on.)"""
-    import importlib.util
+    import importlib
     import shlex
-    import sys
 
     from dcgh_dist.cli import config_from_args
 
     argv = shlex.split(command)
     name = Path(argv[1]).stem
-    spec = importlib.util.spec_from_file_location(f"_doc_{name}", REPO / "jobs" / f"{name}.py")
-    job = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        spec.loader.exec_module(job)
-        args = job.parse_args(argv[2:])
-        if getattr(args, "config", None) and not Path(args.config).exists():
-            args.config = None  # a YAML file of the user's, shown beside the command
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
+    job = importlib.import_module(f"dcgh_dist.jobs.{name}")  # what jobs/<name>.py runs
+    args = job.parse_args(argv[2:])
+    if getattr(args, "config", None) and not Path(args.config).exists():
+        args.config = None  # a YAML file of the user's, shown beside the command
     if name == "train":
         job.build_config(args)
     elif hasattr(job, "READS"):

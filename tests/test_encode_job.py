@@ -33,7 +33,6 @@ import pytest
 from dcgh_dist.metrics import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 BITS = 64
 N_DEMO = 400
@@ -70,7 +69,7 @@ def demo_subset(tmp_path_factory, demo_small) -> str:
 
 @pytest.fixture(scope="module")
 def encoded_demo(tmp_path_factory, demo_subset, checkpoint, ray_cluster):
-    import encode as encode_job  # jobs/encode.py
+    from dcgh_dist.jobs import encode as encode_job
 
     out = str(tmp_path_factory.mktemp("codes") / "demo")
     result = encode_job.main(["--checkpoint", checkpoint, "--dataset", demo_subset, "--modality", "both",
@@ -158,8 +157,8 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
 def test_encode_relaxed_keeps_the_tanh_outputs_for_reranking(demo_subset, checkpoint, tmp_path, ray_cluster):
     """`encode --relaxed`: each code shard also holds the float16 tanh outputs, whose signs are
     the bits; the index keeps them beside its shards and re-ranks with them."""
-    import build_index as build_job
-    import encode as encode_job
+    from dcgh_dist.jobs import build_index as build_job
+    from dcgh_dist.jobs import encode as encode_job
 
     import pyarrow.fs as pafs
 
@@ -191,7 +190,7 @@ def test_encode_relaxed_keeps_the_tanh_outputs_for_reranking(demo_subset, checkp
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("index_type", ["flat", "multihash", "ivf"])
 def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_type):
-    import build_index as build_job  # jobs/build_index.py
+    from dcgh_dist.jobs import build_index as build_job
 
     from dcgh_dist.index import ShardedIndex, hamming_distances_packed
     from test_index import assert_knn_tie_aware
@@ -230,7 +229,7 @@ def test_build_index_job_and_search(encoded_demo, checkpoint, tmp_path, index_ty
 def test_build_index_job_appends_with_labels_as_ray_tasks(encoded_demo, demo_subset, checkpoint, tmp_path):
     """The documented live-index commands: build with --labels from the encoding of files 0-1,
     --append the encoding of files 2-3 (Ray tasks), --delete, then search with a label filter."""
-    import build_index as build_job
+    from dcgh_dist.jobs import build_index as build_job
 
     from dcgh_dist.index import ShardedIndex, brute_force_search
     from dcgh_dist.index.filters import SearchFilter
@@ -273,8 +272,8 @@ def labels_to_multihot(labels, num_classes: int) -> np.ndarray:
 @pytest.mark.timeout(400)
 def test_evaluate_job_matches_in_memory_metrics(encoded_demo, demo_subset, tmp_path):
     """jobs/evaluate.py (top-k via the index) == dcgh_dist.metrics (whole ranking in memory)."""
-    import build_index as build_job
-    import evaluate as evaluate_job  # jobs/evaluate.py
+    from dcgh_dist.jobs import build_index as build_job
+    from dcgh_dist.jobs import evaluate as evaluate_job
 
     from dcgh_dist.index.codes import codes_table, unpack_codes
     from dcgh_dist.metrics import retrieval_metrics
@@ -449,7 +448,7 @@ def test_encode_resumes_after_kill_exactly_once(tmp_path, demo_small, checkpoint
     done_before = {os.path.basename(p) for p in glob.glob(os.path.join(out, "text", "part-*.parquet"))}
     stamps = {p: os.stat(os.path.join(out, "text", p)).st_mtime_ns for p in done_before}
     # Resume in this process, on the session's cluster: a fresh driver, as after a real crash.
-    import encode as encode_job
+    from dcgh_dist.jobs import encode as encode_job
 
     r = encode_job.main([*cmd[2:], "--json", str(tmp_path / "r.json")])
     assert f"exactly-once check passed: {N_KILL} input ids" in capsys.readouterr().out
@@ -478,8 +477,8 @@ def test_s3_round_trip_plain_parquet(tmp_path, s3_server, demo_small, checkpoint
 
     Ray workers read S3 with the dummy credentials tests/conftest.py puts in the environment
     before any worker starts."""
-    import build_index as build_job
-    import encode as encode_job
+    from dcgh_dist.jobs import build_index as build_job
+    from dcgh_dist.jobs import encode as encode_job
     import pyarrow.fs as pafs
 
     from dcgh_dist.storage import resolve_filesystem

@@ -17,7 +17,6 @@ from dcgh_dist.config import Config, ModelConfig, load_config
 from dcgh_dist.data.format import DatasetInfo, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 
 def _feature_dataset(path: Path, n: int = 400, dim_i: int = 12, dim_t: int = 6, classes: int = 4,
@@ -197,14 +196,14 @@ def test_linear_baseline_formula_and_scores(tmp_path):
 def test_feature_dataset_plain_command(tmp_path, demo_features, ray_cluster):
     """`jobs/train.py --dataset FEATURES` with no family set: feature towers, two workers on the
     cached split, early stopping, and the linear baseline in metrics.json, table and plot."""
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     from plots import line_pixels, read_plot
 
     out = tmp_path / "run"
     epochs, patience = 40, 3
     result = train_job.main(["--dataset", demo_features, "--output-dir", str(out), "--num-workers", "2",
-                             "--epochs", str(epochs), f"train.patience={patience}", "--batch-size", "64"])
+                             "--epochs", str(epochs), f"train.patience={patience}", "--batch-size", "64"]).metrics
     meta = json.loads((out / "checkpoint" / "meta.json").read_text())
     assert meta["config"]["model"]["family"] == "features"
     assert result["train_data"].startswith("cached")

@@ -393,12 +393,8 @@ def test_rebuild_deletes_only_builds_its_manifests_recorded(code_dir, tmp_path):
 
 
 def test_keep_builds_flag():
-    import importlib.util
+    from dcgh_dist.jobs import build_index as build_job
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "build_index.py")
-    spec = importlib.util.spec_from_file_location("build_index_job", path)
-    build_job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_job)
     args = build_job.parse_args(["--codes", "c", "--output", "o", "--keep-builds", "3"])
     assert build_job.job_config(args).index.keep_builds == 3
     assert build_job.job_config(build_job.parse_args(["--codes", "c", "--output", "o"])).index.keep_builds == 2

@@ -359,13 +359,12 @@ def expand(entrypoint: str, env: dict[str, str]) -> list[str]:
 
 
 def _job_module(script: str):
-    import importlib.util
+    """The module whose ``main`` ``jobs/<name>.py`` runs: dcgh_dist.jobs.<name>."""
+    import importlib
 
-    path = REPO / script
-    spec = importlib.util.spec_from_file_location(f"_entrypoint_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if not script.startswith("jobs/"):
+        raise ValueError(f"no parser known for {script}")
+    return importlib.import_module(f"dcgh_dist.jobs.{Path(script).stem}")
 
 
 def parse_entrypoint(argv: list[str]) -> tuple[str, Any]:

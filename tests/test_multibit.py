@@ -4,7 +4,6 @@ proxies per length, the loss summed over lengths; the checkpoint encodes at any 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from dcgh_dist.config import Config, load_config
 from dcgh_dist.data.format import DatasetInfo
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 INFO = DatasetInfo("f", 3, ("a", "b", "c"), "image_features", "text_features", 6, 5)
 
 
@@ -121,7 +119,7 @@ def test_daph_stage1_nets_a_code_layer_and_class_net_per_length():
 
 def test_daph_losses_are_the_weighted_sum_over_lengths():
     from dcgh_dist.losses import daph_hash_loss, daph_proxy_loss
-    from dcgh_dist.train.daph import code_keys
+    from dcgh_dist.train.proxy_codes import code_keys
     from dcgh_dist.train.objectives import build_objective
 
     cfg = load_config(overrides=["model.bits=[16, 32]", "loss.bits_weights=[1.0, 0.25]", "train.method=daph",
@@ -168,7 +166,7 @@ def test_daph_losses_are_the_weighted_sum_over_lengths():
 
 
 def test_multi_length_proxy_codes_round_trip(tmp_path):
-    from dcgh_dist.train.daph import read_proxy_codes, write_proxy_codes
+    from dcgh_dist.train.proxy_codes import read_proxy_codes, write_proxy_codes
 
     cfg = load_config(overrides=["model.bits=[16, 32]", "train.method=daph"])
     rng = np.random.default_rng(0)
@@ -247,15 +245,15 @@ def test_every_length_is_evaluated_from_one_pass_of_the_towers(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_multi_length_run_then_encode_one_length(tmp_path, demo_features, ray_cluster):
-    import build_index as build_job  # jobs/build_index.py
-    import encode as encode_job  # jobs/encode.py
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import build_index as build_job
+    from dcgh_dist.jobs import encode as encode_job
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.models.encoder import Encoder
 
     out = tmp_path / "run"
     result = train_job.main(["--dataset", demo_features, "--output-dir", str(out), "--epochs", "3",
-                             "--batch-size", "64", "model.bits=[16, 32]", "--skip-baseline"])
+                             "--batch-size", "64", "model.bits=[16, 32]", "--skip-baseline"]).metrics
     assert set(result["by_bits"]) == {"16", "32"}
     assert result["by_bits"]["16"]["map_i2t"] == result["map_i2t"]  # the primary length is the top level
     for k in ("16", "32"):
@@ -289,17 +287,17 @@ def test_multi_length_run_then_encode_one_length(tmp_path, demo_features, ray_cl
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_daph_multi_length_run_on_two_workers(tmp_path, demo_features, ray_cluster):
-    import encode as encode_job  # jobs/encode.py
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import encode as encode_job
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.data.format import scan_dataset
     from dcgh_dist.models.encoder import Encoder
-    from dcgh_dist.train.daph import read_proxy_codes
+    from dcgh_dist.train.proxy_codes import read_proxy_codes
 
     out = tmp_path / "run"
     result = train_job.main(["--dataset", demo_features, "--output-dir", str(out), "--method", "daph",
                              "--num-workers", "2", "--batch-size", "64", "--epochs", "4", "daph.proxy_epochs=3",
-                             "model.bits=[16, 32]", "--skip-baseline"])
+                             "model.bits=[16, 32]", "--skip-baseline"]).metrics
     # stage 1 wrote both lengths' proxy codes, each of which learnt the classes
     scan = scan_dataset(demo_features)
     codes = read_proxy_codes(result["proxy_codes"], load_config(overrides=["model.bits=[16, 32]"]),

@@ -8,7 +8,6 @@ test; outputs are checked with the format's own validator (scan_dataset) and by 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -23,14 +22,7 @@ from dcgh_dist.data.prepare import PrepareError, verify_manifest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-JOB = _load_job()
+from dcgh_dist.jobs import prepare_data as JOB  # noqa: E402, N812
 
 
 def run(*args: str) -> dict:
@@ -841,10 +833,9 @@ def test_presets_chain_prepare_and_train(mir_tree, tmp_path, monkeypatch):
     assert [(p[k].query, p[k].val, p[k].train) for k in ("mirflickr25k", "nuswide", "nuswide-top10", "coco")] == [
         (2000, 1000, 10000), (2100, 1050, 10500), (2100, 1050, 10500), (5000, 2500, 10000)]
     # jobs/train.py --dataset coco: the preset's run directory, the rest the authors' defaults.
-    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
-    train_job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_job)
-    cfg = train_job.build_config(train_job.parse_args(["--dataset", "coco"]))
+    from dcgh_dist.jobs.train import build_config, parse_args
+
+    cfg = build_config(parse_args(["--dataset", "coco"]))
     assert (cfg.data.dataset, cfg.train.output_dir) == ("coco", "runs/coco")
     args = JOB.parse_args(["--dataset", "coco", "--input", "/raw"])
     assert JOB.build_options(args).output == str(tmp_path / "data" / "coco")

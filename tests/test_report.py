@@ -9,7 +9,6 @@ import math
 import re
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from dcgh_dist.cli import run_job
 from dcgh_dist.data.format import DatasetInfo, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 LINEAR = "linear (ridge + rotation)"
 
@@ -184,14 +182,14 @@ def test_runs_that_differ_in_config_are_rows_of_their_own_labelled_by_the_differ
                     config={"loss": {"variance_weight": 1.0}})
     with pytest.raises(RunError, match=r"same config and the same seed \(0\)"):
         load_runs([str(full), str(twin)])
-    import report as report_job  # jobs/report.py
+    from dcgh_dist.jobs import report as report_job
 
     assert run_job(report_job.main, ["--runs", str(full), str(twin), "--output", str(tmp_path / "r")]) == 2
     assert "same config and the same seed" in capsys.readouterr().err
 
 
 def test_refuses_what_is_not_a_finished_run(tmp_path, capsys):
-    import report as report_job  # jobs/report.py
+    from dcgh_dist.jobs import report as report_job
 
     (tmp_path / "empty").mkdir()
     rc = run_job(report_job.main, ["--runs", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
@@ -235,14 +233,14 @@ def test_refuses_runs_on_other_splits_and_changed_datasets(tmp_path):
 def runs(tmp_path_factory, demo_features, ray_cluster) -> dict[str, Path]:
     """Two tiny runs on the feature demo (16 and 32 bits, 2 epochs), and a copy of the 32-bit
     one as if trained with seed 1 (other numbers), so that a row aggregates two seeds."""
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     root = tmp_path_factory.mktemp("report_runs")
     out = {}
     for bits in (16, 32):
         out[bits] = root / f"dcgh-{bits}"
         train_job.main(["--dataset", demo_features, "--output-dir", str(out[bits]), "--bits", str(bits),
-                        "--epochs", "2"])
+                        "--epochs", "2"]).metrics
     seed1 = root / "dcgh-32-seed1"
     shutil.copytree(out[32], seed1, ignore=shutil.ignore_patterns("ray_results"))
     cfg = yaml.safe_load((seed1 / "config.yaml").read_text())
@@ -261,7 +259,7 @@ def runs(tmp_path_factory, demo_features, ray_cluster) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def report_dir(runs, tmp_path_factory) -> Path:
-    import report as report_job  # jobs/report.py
+    from dcgh_dist.jobs import report as report_job
 
     out = tmp_path_factory.mktemp("report")
     report_job.main(["--runs", str(runs[16]), str(runs[32]), str(runs["32s1"]), "--output", str(out),
@@ -361,7 +359,7 @@ def test_reencoded_codes_are_the_runs_codes(runs, demo_features):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_database_cap_is_said(runs, tmp_path):
-    import report as report_job  # jobs/report.py
+    from dcgh_dist.jobs import report as report_job
 
     report_job.main(["--runs", str(runs[16]), "--output", str(tmp_path), "--max-items", "500", "--tsne-points", "0"])
     md = (tmp_path / "report.md").read_text()
@@ -372,7 +370,7 @@ def test_database_cap_is_said(runs, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_refuses_a_run_on_another_dataset(runs, tmp_path, capsys):
-    import report as report_job  # jobs/report.py
+    from dcgh_dist.jobs import report as report_job
 
     other = tiny_feature_dataset(tmp_path / "other")
     fake = tmp_path / "fake"

@@ -12,7 +12,6 @@ from dcgh_dist.config import Config, load_config
 from dcgh_dist.train.runner import choose_run_name, export_checkpoint, read_run_record, run_directory
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 
 def test_fresh_runs_get_distinct_names_and_resume_finds_its_own(tmp_path):
@@ -62,15 +61,15 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
 def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small, ray_cluster):
     """The README recommends one shared storage path on clusters: two runs there, a user's file
     beside them, and a directory named like the old fixed run name all survive."""
-    import train as train_job
+    from dcgh_dist.jobs import train as train_job
 
     storage = tmp_path / "shared"
     (storage / "train" / "mydata").mkdir(parents=True)
     (storage / "train" / "mydata" / "results.csv").write_text("a,b\n1,2\n")
     common = ["--dataset", demo_small, "--epochs", "1", "--bits", "16", "--batch-size", "64",
               "--skip-baseline", "model.clip_preset=tiny", f"train.storage_path={storage}"]
-    train_job.main([*common, "--output-dir", str(tmp_path / "a")])
-    train_job.main([*common, "--output-dir", str(tmp_path / "b")])
+    train_job.main([*common, "--output-dir", str(tmp_path / "a")]).metrics
+    train_job.main([*common, "--output-dir", str(tmp_path / "b")]).metrics
     run_a, run_b = run_directory(str(tmp_path / "a")), run_directory(str(tmp_path / "b"))
     assert run_a != run_b
     for run in (run_a, run_b):
@@ -78,7 +77,7 @@ def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small
     assert (storage / "train" / "mydata" / "results.csv").read_text() == "a,b\n1,2\n"
     # a fresh run naming an existing directory is refused, and deletes nothing
     with pytest.raises(ValueError, match="already exists"):
-        train_job.main([*common, "--output-dir", str(tmp_path / "c"), "train.run_name=train"])
+        train_job.main([*common, "--output-dir", str(tmp_path / "c"), "train.run_name=train"]).metrics
     assert (storage / "train" / "mydata" / "results.csv").exists()
 
 
@@ -116,7 +115,7 @@ def test_train_writes_every_output_to_s3_and_resumes_from_there(tmp_path, demo_s
     config and run.json land under the prefix (metrics.json last: it marks a finished run), the
     Ray Train checkpoints under <prefix>/ray_results, and --resume finds the run from there."""
     import pyarrow.fs as pafs
-    import train as train_job
+    from dcgh_dist.jobs import train as train_job
     import yaml
 
     from dcgh_dist import storage
@@ -126,7 +125,7 @@ def test_train_writes_every_output_to_s3_and_resumes_from_there(tmp_path, demo_s
     out = f"{make_bucket('dcgh-train-out')}/runs/r1"
     common = ["--dataset", demo_small, "--epochs", "1", "--bits", "16", "--batch-size", "64", "--skip-baseline",
               "model.clip_preset=tiny", f"data.s3_endpoint={endpoint}", "--output-dir", out]
-    result = train_job.main(common)
+    result = train_job.main(common).metrics
     fs, base = storage.resolve_filesystem(out, endpoint)
     names = {i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
              if i.type == pafs.FileType.File and "/ray_results/" not in f"/{i.path[len(base) + 1:]}"}
@@ -140,10 +139,10 @@ def test_train_writes_every_output_to_s3_and_resumes_from_there(tmp_path, demo_s
     assert run_dir.startswith(f"{out}/ray_results/")
     # another run over a published model is refused before Ray starts, and changes nothing
     with pytest.raises(ValueError, match="never replaced by another run"):
-        train_job.main([*common, "train.seed=1"])
+        train_job.main([*common, "train.seed=1"]).metrics
     assert run_directory(out, endpoint) == run_dir
     # --resume reads run.json from the prefix and continues that run (one more epoch)
-    resumed = train_job.main([*common, "--resume", "--epochs", "2"])
+    resumed = train_job.main([*common, "--resume", "--epochs", "2"]).metrics
     assert run_directory(out, endpoint) == run_dir and resumed["epochs_run"] == 2
     assert verified_meta(f"{out}/checkpoint", endpoint).epoch == resumed["selected_epoch"]
 

@@ -8,7 +8,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -18,18 +17,13 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from sockets import free_port  # tests/sockets.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 pytestmark = [pytest.mark.ray]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(seed: int, size=(48, 40)) -> bytes:
@@ -111,7 +105,7 @@ def served(tmp_path_factory, demo_small, ray_cluster):
         indexes[m] = str(root / f"index-{m}")
         build_index(str(root / "codes" / m), indexes[m], IndexConfig(shard_size=400), expected_fingerprint=fp,
                     use_ray=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     zero = {"num_cpus": 0}
     args = AppArgs(checkpoint=ckpt, indexes=indexes, dataset=demo_small, max_k=200, max_text_chars=200,
@@ -322,7 +316,7 @@ def test_throughput_optimized_mode_answers_on_the_replicas_own_loopback_port(ser
     assert http_targets("dcgh") == [served["url"]]  # by default: the proxy, nothing else
     texts, k = ["a red circle", "blue sky"], 15
     args = served["args"].model_copy(update={"indexes": {"image": served["indexes"]["image"]}})
-    spec = {"port": _free_port(), "args": args.model_dump(exclude_none=True), "texts": texts, "k": k}
+    spec = {"port": free_port(), "args": args.model_dump(exclude_none=True), "texts": texts, "k": k}
     # The draining period is for external load balancers to notice a replica leaving; nothing
     # here needs it, and Serve's shutdown would wait it out (30 s).
     env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -18,7 +17,6 @@ from conftest import ListenerWatch
 from dcgh_dist.train.runner import run_directory
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 SMALL = ["--bits", "32", "--batch-size", "32", "model.clip_preset=tiny",
          "optim.tower_lr=1e-3", "optim.head_lr=3e-3", "train.log_every=5"]
@@ -27,14 +25,14 @@ SMALL = ["--bits", "32", "--batch-size", "32", "model.clip_preset=tiny",
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_deepspeed_two_workers_zero2_bf16_then_resume(tmp_path, demo_small, ray_cluster):
-    import train as train_job
+    from dcgh_dist.jobs import train as train_job
 
     out = tmp_path / "ds"
     args = ["--dataset", demo_small, "--output-dir", str(out), "--num-workers", "2", "--skip-baseline",
             *SMALL, "train.engine=deepspeed", "train.precision=bf16", "train.zero_stage=2",
             "train.cpus_per_worker=1"]
     with ListenerWatch() as sockets:
-        first = train_job.main([*args, "--epochs", "2"])
+        first = train_job.main([*args, "--epochs", "2"]).metrics
     # every socket the run opened (the workers' rendezvous store and gloo among them) is on loopback
     assert sockets.samples > 5 and sockets.seen
     assert not sockets.not_loopback(), sockets.not_loopback()
@@ -52,7 +50,7 @@ def test_deepspeed_two_workers_zero2_bf16_then_resume(tmp_path, demo_small, ray_
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
     # --resume continues the same run: two more epochs, not four
-    second = train_job.main([*args, "--epochs", "4", "--resume"])
+    second = train_job.main([*args, "--epochs", "4", "--resume"]).metrics
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
     assert second["history"][-1]["global_step"] == 4 * steps
     assert second["history"][:2] == first["history"]  # the first two epochs were not redone
@@ -62,7 +60,7 @@ def test_deepspeed_two_workers_zero2_bf16_then_resume(tmp_path, demo_small, ray_
 @pytest.mark.timeout(900)
 def test_train_from_s3_with_checkpoints_on_s3(tmp_path, demo_small, s3_server, ray_cluster):
     """Data read and checkpoints written through the same filesystem code as real S3."""
-    import train as train_job
+    from dcgh_dist.jobs import train as train_job
 
     from dcgh_dist.storage import resolve_filesystem
 
@@ -75,7 +73,7 @@ def test_train_from_s3_with_checkpoints_on_s3(tmp_path, demo_small, s3_server, r
     result = train_job.main([
         "--dataset", f"{bucket}/datasets/demo", "--output-dir", str(out), "--epochs", "2",
         "--skip-baseline", *SMALL, f"data.s3_endpoint={endpoint}", f"train.storage_path={bucket}/runs",
-    ])
+    ]).metrics
     assert result["dataset"] == f"{bucket}/datasets/demo"
     assert result["num_query"] == 120 and result["num_database"] == 1080
     run_dir = run_directory(str(out))

@@ -8,7 +8,6 @@ from its last checkpoint, finish with the same number of steps, and land near th
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from dcgh_dist.train.runner import run_directory
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 EPOCHS, BATCH = 10, 64
 # 90 steps of a tiny CLIP from scratch on 600 training pairs: a larger learning rate than the
@@ -33,10 +31,10 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, demo_small, ray_cluster):
-    import train as train_job  # jobs/train.py
+    from dcgh_dist.jobs import train as train_job
 
     out = tmp_path_factory.mktemp("train") / "run"
-    result = train_job.main(["--dataset", demo_small, "--output-dir", str(out), *COMMON])
+    result = train_job.main(["--dataset", demo_small, "--output-dir", str(out), *COMMON]).metrics
     return out, result
 
 
@@ -85,7 +83,7 @@ def _train_workers() -> list[psutil.Process]:
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninterrupted):
-    import train as train_job
+    from dcgh_dist.jobs import train as train_job
 
     _, clean = uninterrupted
     out = tmp_path / "run"
@@ -96,7 +94,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, demo_small, uninte
             box["result"] = train_job.main([
                 "--dataset", demo_small, "--output-dir", str(out), "--skip-baseline", *COMMON,
                 "train.max_failures=1", "train.checkpoint_every_steps=4",
-            ])
+            ]).metrics
         except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
             box["error"] = e
 

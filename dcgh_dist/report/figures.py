@@ -142,3 +142,29 @@ def training_figure(history: Sequence[Mapping], selected_epoch: int | None, titl
     fig.suptitle(title)
     fig.tight_layout()
     return _png(fig)
+
+
+def loss_figure(history: Sequence[Mapping], best_epoch: int | None) -> bytes:
+    """A run's loss terms per epoch with val mAP on a second axis; the best val epoch (the exported
+    checkpoint) and, where early stopping ended the run, the last epoch marked."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(111)
+    epochs = [h["epoch"] for h in history]
+    terms = [k for k in history[0] if k.startswith("loss_") and k != "loss_pairwise_pos"]
+    for k in sorted(terms, key=lambda k: k != "loss_total"):
+        ax.plot(epochs, [h.get(k, float("nan")) for h in history], marker="o", label=k.removeprefix("loss_"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if "val_map" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h.get("val_map", float("nan")) for h in history], "k--", label="val mAP")
+        if best_epoch:
+            ax2.axvline(best_epoch, color="tab:green", linestyle=":", label=f"best val (epoch {best_epoch})")
+        if history[-1].get("stopped_early"):
+            ax2.axvline(epochs[-1], color="tab:red", linestyle=":", label=f"stopped (epoch {epochs[-1]})")
+        ax2.set_ylabel("val mAP")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)

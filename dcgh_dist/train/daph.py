@@ -3,13 +3,8 @@
 Stage 1 trains the label-conditioned proxy nets and the class net (``objectives.DAPHProxyObjective``)
 for ``daph.proxy_epochs`` epochs in ``<output>/stage1/``, then writes the **proxy codes**: for every
 training row its image-aware and text-aware codes (sign of the nets' outputs, in eval mode unless
-``daph.proxy_codes_train_mode``), its labels, and the class codes, as one ``.npz`` of plain arrays
-(loaded with ``allow_pickle=False``: never a pickle) whose ``meta`` entry records the format, the
-config and the dataset's fingerprint (``DatasetScan.fingerprint``: ids, splits and labels).
-
-With several code lengths (``model.bits`` as a list) the file holds every length's codes, the
-primary length's under the plain names and each extra length ``K``'s as ``image_codes@K``,
-``text_codes@K`` and ``class_codes@K``; stage 2 trains each head against its own length.
+``daph.proxy_codes_train_mode``), its labels, and the class codes (the file: ``train/proxy_codes.py``).
+With several code lengths (``model.bits`` as a list) stage 2 trains each head against its own length.
 
 Stage 2 refuses proxy codes made from another dataset (or for other bit lengths or class count),
 then trains the project's own label-free hasher against them (``objectives.DAPHHashObjective``):
@@ -20,7 +15,6 @@ unchanged. The codes are ``ray.put`` once and read zero-copy by every worker.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 from typing import Any
@@ -28,96 +22,28 @@ from typing import Any
 import numpy as np
 
 from dcgh_dist.config import Config
+from dcgh_dist.data.pipeline import collect, read_split
+from dcgh_dist.metrics import mean_average_precision
+from dcgh_dist.models.checkpoint import read_checkpoint_files, verified_state
+from dcgh_dist.models.daph import build_daph_proxy_nets
+from dcgh_dist.storage import child_uri, resolve_filesystem, write_text_atomic
+from dcgh_dist.train.proxy_codes import code_keys, proxy_codes_path, read_proxy_codes, signs, write_proxy_codes
+from dcgh_dist.train.runner import plan_run, run_training
 
 logger = logging.getLogger(__name__)
 
-PROXY_CODES_FORMAT = "dcgh-dist/daph-proxy-codes/1"
-PROXY_CODES_FILE = "daph_proxy_codes.npz"
 STAGE1_DIR = "stage1"
-
-
-def proxy_codes_path(cfg: Config) -> str:
-    from dcgh_dist.storage import child_uri
-
-    return cfg.daph.proxy_codes or child_uri(cfg.train.output_dir, PROXY_CODES_FILE)
 
 
 def stage1_config(cfg: Config) -> Config:
     """The stage-1 run: its own output directory and run name, a fixed epoch count, no val
     selection (its nets need labels, so val mAP would measure nothing)."""
-    from dcgh_dist.storage import child_uri
-
     t = cfg.train
     return dataclasses.replace(cfg, train=dataclasses.replace(
         t, epochs=cfg.daph.proxy_epochs, select_on_val=False, patience=0,
         output_dir=child_uri(t.output_dir, STAGE1_DIR),
         run_name=f"{t.run_name}-stage1" if t.run_name else None,
     ), daph=dataclasses.replace(cfg.daph, stage="1"))
-
-
-# -- the artifact -----------------------------------------------------------------------------
-
-
-def _signs(x: np.ndarray) -> np.ndarray:
-    """+-1 as int8; an exact 0 (measure zero for real outputs) maps to +1, as the metrics' binarisation does."""
-    return np.where(np.asarray(x) >= 0, 1, -1).astype(np.int8)
-
-
-def code_keys(cfg: Config) -> list[str]:
-    """The arrays of ±1 codes a proxy-code file holds for ``cfg``'s code lengths."""
-    primary = cfg.model.bits
-    return [name if k == primary else f"{name}@{k}" for k in cfg.model.lengths
-            for name in ("image_codes", "text_codes", "class_codes")]
-
-
-def write_proxy_codes(path: str, codes: dict[str, np.ndarray], cfg: Config, fingerprint: str) -> None:
-    from dcgh_dist.storage import resolve_filesystem, write_bytes_atomic
-
-    meta = {"format": PROXY_CODES_FORMAT, "dataset_fingerprint": fingerprint, "bits": cfg.model.bits,
-            "lengths": list(cfg.model.lengths),
-            "num_classes": int(codes["labels"].shape[1]), "rows": int(len(codes["id"])),
-            "train_mode": cfg.daph.proxy_codes_train_mode, "config": cfg.to_dict()}
-    buf = io.BytesIO()
-    np.savez(buf, id=codes["id"].astype(np.int64), labels=codes["labels"].astype(np.uint8),
-             **{k: _signs(codes[k]) for k in code_keys(cfg)}, meta=np.array(json.dumps(meta)))
-    fs, p = resolve_filesystem(path, cfg.data.s3_endpoint)
-    write_bytes_atomic(fs, p, buf.getvalue())
-
-
-def read_proxy_codes(path: str, cfg: Config, fingerprint: str, num_classes: int) -> dict[str, Any]:
-    """The arrays and meta of a proxy-code file, checked against the dataset and model at hand."""
-    from dcgh_dist.storage import exists, read_bytes, resolve_filesystem
-
-    fs, p = resolve_filesystem(path, cfg.data.s3_endpoint)
-    if not exists(fs, p):
-        raise FileNotFoundError(
-            f"{path}: no DAPH proxy codes; run stage 1 first (`--method daph --stage 1`, or `--stage all`), "
-            "or point daph.proxy_codes at them"
-        )
-    try:
-        with np.load(io.BytesIO(read_bytes(fs, p)), allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-        meta = json.loads(str(out.pop("meta")))
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a DAPH proxy-code file ({type(e).__name__}: {e})") from e
-    if meta.get("format") != PROXY_CODES_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {PROXY_CODES_FORMAT!r}")
-    if meta["dataset_fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path}: these proxy codes were made from another dataset (fingerprint "
-            f"{meta['dataset_fingerprint']}, this one is {fingerprint}: its ids, splits or labels "
-            "differ); re-run stage 1 on this dataset"
-        )
-    lengths = meta.get("lengths", [meta["bits"]])  # files of one length before multi-length runs
-    if lengths != list(cfg.model.lengths) or meta["num_classes"] != num_classes:
-        want = cfg.model.bits if len(cfg.model.lengths) == 1 else list(cfg.model.lengths)
-        have = meta["bits"] if len(lengths) == 1 else lengths
-        raise ValueError(
-            f"{path}: proxy codes of {have} bits and {meta['num_classes']} classes; this run "
-            f"has model.bits={want} and {num_classes} classes"
-        )
-    out["meta"] = meta
-    return out
 
 
 # -- stage 1: export and statistics -----------------------------------------------------------
@@ -148,9 +74,6 @@ def load_proxy_nets(files: dict[str, bytes]):
     """(stage-1 nets, meta) from a stage-1 checkpoint's bytes, weights verified."""
     import torch
 
-    from dcgh_dist.models.checkpoint import verified_state
-    from dcgh_dist.models.daph import build_daph_proxy_nets
-
     state, meta, _ = verified_state(files)
     info = meta.dataset_info
     torch.manual_seed(0)
@@ -166,9 +89,6 @@ def export_proxy_codes(uri: str, info, cfg: Config, checkpoint_dir: str, files) 
     import ray
     import ray.data
     import torch
-
-    from dcgh_dist.data.pipeline import collect, read_split
-    from dcgh_dist.models.checkpoint import read_checkpoint_files
 
     ckpt = read_checkpoint_files(checkpoint_dir, cfg.data.s3_endpoint)
     ds = read_split(uri, info, cfg, ["train"], files=files).map_batches(
@@ -198,10 +118,8 @@ def proxy_code_stats(codes: dict[str, np.ndarray], seed: int = 0, queries: int =
     """What DAPH.md §5 reports of the authors' NUS-WIDE 32-bit proxy codes, for comparison: bit
     balance, image/text agreement, Hamming distance to own and other class codes, and retrieval
     with the proxy codes themselves on the training set (``queries`` random queries, all rows)."""
-    from dcgh_dist.metrics import mean_average_precision
-
-    img, txt = _signs(codes["image_codes"]).astype(np.float64), _signs(codes["text_codes"]).astype(np.float64)
-    cls = _signs(codes["class_codes"]).astype(np.float64)
+    img, txt = signs(codes["image_codes"]).astype(np.float64), signs(codes["text_codes"]).astype(np.float64)
+    cls = signs(codes["class_codes"]).astype(np.float64)
     labels = np.asarray(codes["labels"], dtype=np.float64)
     k = img.shape[1]
     own = labels.astype(bool)
@@ -232,8 +150,6 @@ def proxy_code_stats(codes: dict[str, np.ndarray], seed: int = 0, queries: int =
 
 def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, float]]:
     """Train stage 1, write the proxy codes; returns (their path, their statistics)."""
-    from dcgh_dist.train.runner import plan_run, run_training
-
     s1 = stage1_config(cfg)
     plan = plan_run(s1, resume=resume)
     logger.info("DAPH stage 1: proxy nets for %d epochs in %s", s1.train.epochs, plan.output_dir)
@@ -247,8 +163,6 @@ def run_stage1(cfg: Config, *, resume: bool = False) -> tuple[str, dict[str, flo
         stats["by_bits"] = {str(k): dict(stats) if k == lengths[0] else
                             proxy_code_stats(length_codes(codes, k, lengths[0]), seed=cfg.train.seed)
                             for k in lengths}
-    from dcgh_dist.storage import child_uri, resolve_filesystem, write_text_atomic
-
     write_text_atomic(*resolve_filesystem(child_uri(plan.output_dir, "proxy_code_stats.json"), cfg.data.s3_endpoint),
                       json.dumps(stats, indent=2))
     logger.info("DAPH stage 1: proxy codes of %d rows in %s; proxy-code mAP on train i2t %.3f t2i %.3f, "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DatasetInfo
+from dcgh_dist.train.proxy_codes import code_keys
 
 METHOD_OBJECTIVES = ("dcgh", "daph-proxy", "daph-hash")
 
@@ -175,8 +176,6 @@ class DAPHHashObjective(Objective):
     log_terms = ("image_net", "text_net")
 
     def __init__(self, cfg: Config, info: DatasetInfo, anchors: dict[str, Any]):
-        from dcgh_dist.train.daph import code_keys
-
         self.cfg, self.info = cfg, info
         # +-1 codes and 0/1 labels: small integer types in the object store, float on the device;
         # the labels are one array whatever the lengths

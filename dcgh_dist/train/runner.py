@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -19,11 +20,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DATABASE_SPLITS, DatasetScan, scan_dataset
+from dcgh_dist.data.pipeline import collect, image_size_for, read_split
 from dcgh_dist.data.presets import resolve_dataset
+from dcgh_dist.models import resolve_family
+from dcgh_dist.models.checkpoint import CheckpointMeta, read_meta
+from dcgh_dist.ray_session import env_default, quiet_progress
 from dcgh_dist.storage import (child_uri, display, exists, is_remote, put_tree, read_text,
                                resolve_filesystem, write_text_atomic)
+from dcgh_dist.train.loop import train_loop_per_worker
+from dcgh_dist.train.process_group import NodeBoundTorchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +76,6 @@ class RunPlan:
 def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
     """Resolve and validate the dataset, choose the run directory, check a resume: every mistake
     a user can make surfaces here, in seconds, not after a Ray start or an hour of training."""
-    from dcgh_dist.models import resolve_family
-
     uri = resolve_dataset(cfg.data)
     scan = scan_dataset(uri, cfg.data.s3_endpoint)
     try:
@@ -117,8 +124,6 @@ def plan_run(cfg: Config, *, resume: bool = False) -> RunPlan:
 
 def preprocessed_row_bytes(cfg: Config, info) -> int:
     """Bytes one preprocessed row takes in memory (what BatchPreprocessor emits)."""
-    from dcgh_dist.data.pipeline import image_size_for
-
     image = (info.image_feature_dim or 0) * 4 if info.image_column == "image_features" else 3 * image_size_for(cfg) ** 2 * 4
     text = (info.text_feature_dim or 0) * 4 if info.text_column == "text_features" else cfg.model.context_length * 8
     return 8 + 4 * info.num_classes + image + text
@@ -144,10 +149,6 @@ def cache_decision(cfg: Config, info, rows: int) -> tuple[bool, str]:
 def check_resumable(ckpt, cfg: Config, info) -> None:
     """The checkpoint must fit the model this config builds: name what changed, not torch's
     'size mismatch' from inside a worker."""
-    import pyarrow.fs as pafs
-
-    from dcgh_dist.models.checkpoint import CheckpointMeta
-
     fs = ckpt.filesystem or pafs.LocalFileSystem()
     with fs.open_input_stream(f"{ckpt.path}/meta.json") as f:
         meta = CheckpointMeta.from_json(f.read().decode(), where=f"{ckpt.path}/meta.json")
@@ -170,12 +171,6 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dcgh_dist.data.pipeline import read_split
-    from dcgh_dist.train.loop import train_loop_per_worker
-    from dcgh_dist.train.process_group import NodeBoundTorchConfig
-
-    from dcgh_dist.ray_session import quiet_progress
-
     plan = plan or plan_run(cfg, resume=resume)
     cfg = plan.cfg
     quiet_progress()
@@ -190,8 +185,6 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
     datasets, cached = {}, None
     if plan.cache_train:
         import ray
-
-        from dcgh_dist.data.pipeline import collect
 
         # One pipeline run for the whole training: the workers read these arrays zero-copy from
         # the object store and draw each epoch's order from them (train/loop.py).
@@ -250,8 +243,6 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
     )
-    from dcgh_dist.ray_session import env_default
-
     # Read by the controller, which Ray Train starts with the driver's RAY_TRAIN_* variables;
     # set for this fit only, and never over a value the user exported.
     with env_default(REPORT_INTERVAL_ENV, str(cfg.train.report_interval_s)):
@@ -265,8 +256,6 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
         # The exported checkpoint is what evaluation, encoding and serving need: weights,
         # proxies, meta. Optimizer and DeepSpeed state stay in the run directory.
         export_checkpoint(d, dest, cfg.data.s3_endpoint)
-    from dcgh_dist.models.checkpoint import read_meta
-
     meta = read_meta(dest, cfg.data.s3_endpoint)
     history = meta.history
     if result.checkpoint is not None:
@@ -280,8 +269,6 @@ REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 def _select_checkpoint(result, has_val: bool):
     """Best end-of-epoch checkpoint by val mAP (mid-epoch ones carry NaN), else the latest."""
-    import math
-
     if has_val:
         scored = [(m.get("val_map"), c) for c, m in (result.best_checkpoints or [])]
         scored = [(v, c) for v, c in scored if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -295,8 +282,6 @@ def _select_checkpoint(result, has_val: bool):
 def _storage_filesystem(storage: str, cfg: Config):
     """pyarrow filesystem for an s3:// storage path (honours data.s3_endpoint), else None."""
     if storage.startswith("s3://"):
-        from dcgh_dist.storage import resolve_filesystem
-
         return resolve_filesystem(storage, cfg.data.s3_endpoint)[0]
     return None
 
@@ -383,8 +368,6 @@ def export_checkpoint(src: str, dest: str, s3_endpoint: str | None = None) -> No
     last (its weights are verified against meta.json's fingerprint on load anyway). Which run may
     write there is decided before training (check_remote_output).
     """
-    from dcgh_dist.models.checkpoint import read_meta
-
     if is_remote(dest):
         fs, base = resolve_filesystem(dest, s3_endpoint)
         with tempfile.TemporaryDirectory(prefix="dcgh-export-") as tmp:
@@ -412,18 +395,13 @@ def export_checkpoint(src: str, dest: str, s3_endpoint: str | None = None) -> No
 
 
 def _exists(run_dir: str, cfg: Config) -> bool:
-    import pyarrow.fs as pafs
-
     fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
     return fs.get_file_info(_storage_path(run_dir)).type != pafs.FileType.NotFound
 
 
 def latest_checkpoint(run_dir: str, cfg: Config):
     """The newest checkpoint (by optimizer step) of an earlier run under ``run_dir``."""
-    import pyarrow.fs as pafs
     import ray.train
-
-    from dcgh_dist.models.checkpoint import CheckpointMeta
 
     fs = _storage_filesystem(run_dir, cfg) or pafs.LocalFileSystem()
     base = _storage_path(run_dir)
