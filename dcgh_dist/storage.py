@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import tempfile
 import uuid
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -114,6 +117,33 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data) -> None:
 
 def write_text_atomic(fs: pafs.FileSystem, path: str, text: str) -> None:
     write_bytes_atomic(fs, path, text.encode("utf-8"))
+
+
+def publish_dir(final: str, build: Callable[[str], None], *, replace: bool = False) -> None:
+    """Make the local directory ``final`` appear whole or not at all: ``build(staging)`` fills a
+    private sibling, which is then renamed into place (a rename is atomic; a copy is not).
+    Without ``replace`` a ``final`` that another process published first wins and the staging
+    copy is dropped (caches, generated data); with it an existing ``final`` is swapped out and
+    removed (an exported checkpoint). The staging directory never outlives the call."""
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=parent)
+    try:
+        build(staging)
+        if replace and os.path.isdir(final):
+            old = f"{staging}.old"
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if replace or not os.path.isdir(final):  # not a race lost to another publisher
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def table_to_bytes(table: pa.Table, **options) -> bytes:

@@ -243,7 +243,7 @@ class BatchedEncoder:
 
 
 def _with_packed(out) -> list[tuple[bytes, str, bytes]]:
-    from dcgh_dist.index.codes import pack_relaxed
+    from dcgh_dist.codes import pack_relaxed
 
     packed = pack_relaxed(out.codes)  # the bit convention, as encode writes the database's codes
     relaxed = out.codes.astype(np.float16)

@@ -135,7 +135,7 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
 
     from dcgh_dist.data.format import read_dataset_info
     from dcgh_dist.data.pipeline import make_preprocessor
-    from dcgh_dist.index.codes import pack_relaxed
+    from dcgh_dist.codes import pack_relaxed
     from dcgh_dist.models.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
@@ -275,7 +275,9 @@ def test_evaluate_job_matches_in_memory_metrics(encoded_demo, demo_subset, tmp_p
     from dcgh_dist.jobs import build_index as build_job
     from dcgh_dist.jobs import evaluate as evaluate_job
 
-    from dcgh_dist.index.codes import codes_table, unpack_codes
+    from dcgh_dist.codes import unpack_codes
+
+    from dcgh_dist.index.codes import codes_table
     from dcgh_dist.metrics import retrieval_metrics
 
     out, _ = encoded_demo

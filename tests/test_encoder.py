@@ -12,7 +12,7 @@ from PIL import Image
 
 from dcgh_dist.data.format import DatasetInfo
 from dcgh_dist.data.pipeline import make_preprocessor
-from dcgh_dist.index.codes import pack_relaxed
+from dcgh_dist.codes import pack_relaxed
 from dcgh_dist.models.encoder import Encoder
 
 REPO = Path(__file__).resolve().parents[1]

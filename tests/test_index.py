@@ -32,7 +32,8 @@ from dcgh_dist.index import (
     unpack_codes,
 )
 from dcgh_dist.index.build import build_index, build_shard
-from dcgh_dist.index.codes import code_shard_meta, codes_table, pack_relaxed, read_code_shard
+from dcgh_dist.codes import pack_relaxed
+from dcgh_dist.index.codes import code_shard_meta, codes_table, read_code_shard
 from dcgh_dist.index.manifest import BuildConflictError, read_manifest, resolve_shard_uri
 from dcgh_dist.index.search import IndexClosedError
 from dcgh_dist.metrics import binarize, hamming_distances_unpacked

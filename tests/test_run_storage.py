@@ -209,3 +209,28 @@ def test_train_job_mistakes_are_one_line_before_ray(tmp_path):
     debug = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--dataset", str(tmp_path / "missing"),
                             "--debug"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_publish_dir_appears_whole_and_leaves_no_staging(tmp_path):
+    """One way to publish a directory: a lost race keeps the winner's, ``replace`` swaps, a build
+    that fails leaves nothing behind, and no staging directory survives any of them."""
+    from dcgh_dist.storage import publish_dir
+
+    final = tmp_path / "out"
+
+    def writer(name):
+        return lambda staging: (Path(staging) / name).write_text(name)
+
+    publish_dir(str(final), writer("first"))
+    publish_dir(str(final), writer("second"))  # another publisher came first: theirs stands
+    assert sorted(p.name for p in final.iterdir()) == ["first"]
+    publish_dir(str(final), writer("third"), replace=True)
+    assert sorted(p.name for p in final.iterdir()) == ["third"]
+
+    def broken(staging):
+        (Path(staging) / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish_dir(str(tmp_path / "never"), broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

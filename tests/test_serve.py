@@ -170,7 +170,7 @@ def test_rerank_equals_the_index_reranking(served):
     """rerank=r: every group's Hamming top k x r with scores, merged, re-ordered by the relaxed
     inner product == ShardedIndex.search_reranked over the whole index; bad values are a 422."""
     from dcgh_dist.index import ShardedIndex
-    from dcgh_dist.index.codes import pack_relaxed
+    from dcgh_dist.codes import pack_relaxed
     from dcgh_dist.models.encoder import Encoder
 
     enc = Encoder.from_checkpoint(served["ckpt"], device="cpu")

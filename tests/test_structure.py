@@ -107,3 +107,18 @@ def test_nothing_imports_a_script():
                 if needle in line and ("sys.path" in line or "spec_from_file_location" in line):
                     offenders.append(f"{p.relative_to(REPO)}: {line.strip()}")
     assert offenders == []
+
+
+def test_codes_are_the_bottom_layer_and_models_sit_below_indexes():
+    """What a code is (bit order, packing, Hamming, the ``name@K`` key) is defined once, below
+    everything that makes or reads codes; models know nothing of indexes."""
+    from dcgh_dist.codes import length_key, length_suffix
+
+    graph = import_graph(_modules())
+    assert graph["dcgh_dist.codes"] <= {"dcgh_dist.metrics"}
+    assert graph["dcgh_dist.metrics"] == set()
+    for name, deps in graph.items():
+        if name.startswith("dcgh_dist.models"):
+            assert not {d for d in deps if d.startswith("dcgh_dist.index")}, name
+    assert (length_key("image_codes", 32, 32), length_key("image_codes", 16, 32)) == ("image_codes", "image_codes@16")
+    assert (length_suffix(64, 64), length_suffix(128, 64)) == ("", "@128")

@@ -18,13 +18,12 @@ import io
 import logging
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from dcgh_dist.data.format import DatasetInfo, write_dataset
+from dcgh_dist.storage import publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -267,16 +266,6 @@ def ensure_generated(dirname: str, generate, data_root: str | None, what: str) -
     path = os.path.join(root, dirname)
     if os.path.exists(os.path.join(path, "dataset.json")):
         return path
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-", dir=root)
-    try:
-        logger.info("generating %s in %s", what, path)
-        generate(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.exists(os.path.join(path, "dataset.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("generating %s in %s", what, path)
+    publish_dir(path, generate)
     return path

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dcgh_dist.index.codes import pack_relaxed  # the bit convention, defined once
+from dcgh_dist.codes import pack_relaxed  # the bit convention, defined once
 
 
 class EncodeBatches:

@@ -1,13 +1,13 @@
 """Binary codes -> sharded FAISS indexes -> exact sharded search.
 
-The bit convention lives in :mod:`dcgh_dist.index.codes`; the manifest format in
+The bit convention lives in :mod:`dcgh_dist.codes`, code shards in :mod:`dcgh_dist.index.codes`; the manifest format in
 :mod:`dcgh_dist.index.manifest`; building in :mod:`dcgh_dist.index.build`; appends are builds, deletes and
 compaction in :mod:`dcgh_dist.index.update`; searching in :mod:`dcgh_dist.index.search`, with
 filters and tombstones in :mod:`dcgh_dist.index.filters`; ranking metrics over an index in :mod:`dcgh_dist.index.evaluate`.
 See docs/INDEX.md.
 """
 
-from dcgh_dist.index.codes import (
+from dcgh_dist.codes import (
     BIT_ORDER,
     as_packed,
     hamming_distances_packed,

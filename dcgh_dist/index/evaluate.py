@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, labels_multihot, list_data_files
 from dcgh_dist.storage import resolve_filesystem
-from dcgh_dist.index.codes import _POPCOUNT8
+from dcgh_dist.codes import POPCOUNT8
 from dcgh_dist.metrics import average_precision, dcg, dcg_discounts
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _overlap(q_packed_labels: np.ndarray, db_packed_labels: np.ndarray) -> np.nd
         x = np.bitwise_and(q_packed_labels[:, None, :], db_packed_labels)
     else:
         x = np.bitwise_and(q_packed_labels[:, None, :], db_packed_labels[None, :, :])
-    return _POPCOUNT8[x].sum(axis=-1, dtype=np.int32)
+    return POPCOUNT8[x].sum(axis=-1, dtype=np.int32)
 
 
 def index_retrieval_metrics(

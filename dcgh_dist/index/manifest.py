@@ -5,7 +5,7 @@ names. Layout (``format = dcgh-dist-index-v1``)::
 
     {
       "format": "dcgh-dist-index-v1",
-      "bits": 64, "bit_order": "...",            # see dcgh_dist.index.codes
+      "bits": 64, "bit_order": "...",            # see dcgh_dist.codes
       "index": {IndexConfig fields},             # type and parameters (nlist, nprobe, ...)
       "exact": true,                             # k-NN equals a brute-force scan
       "num_items": 1000000,
@@ -65,7 +65,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 
 from dcgh_dist.config import IndexConfig, config_section
-from dcgh_dist.index.codes import BIT_ORDER
+from dcgh_dist.codes import BIT_ORDER
 from dcgh_dist.storage import join, read_text, resolve_filesystem, write_text_atomic
 
 MANIFEST_FORMAT = "dcgh-dist-index-v1"

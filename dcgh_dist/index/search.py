@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import pyarrow.fs as pafs
 
-from dcgh_dist.index.codes import as_packed
+from dcgh_dist.codes import as_packed
 from dcgh_dist.index.filters import SearchFilter, ShardView
 from dcgh_dist.index.manifest import (
     IndexManifest,
@@ -41,7 +41,7 @@ from dcgh_dist.index.manifest import (
     read_manifest,
     resolve_shard_uri,
 )
-from dcgh_dist.storage import read_bytes, resolve_filesystem, sha256_stream
+from dcgh_dist.storage import read_bytes, resolve_filesystem, sha256_stream, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -797,16 +797,12 @@ def _read_record(path: str, n_shards: int) -> list[dict | None]:
 
 
 def _write_record(path: str, manifest_uri: str, manifest: IndexManifest, identities: list[dict]) -> None:
-    """Written only after every shard checked out; atomically (temp + rename). A cache directory
-    that cannot be written costs the next open a full verification, nothing else."""
+    """Written only after every shard checked out; atomically. A cache directory that cannot be
+    written costs the next open a full verification, nothing else."""
     body = {"manifest": manifest_uri, "build_id": manifest.build_id,
             "verified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": identities}
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(body, f, indent=1)
-        os.replace(tmp, path)
+        write_text_atomic(pafs.LocalFileSystem(), path, json.dumps(body, indent=1))
     except OSError as e:
         logger.warning("%s: cannot record the verification (%s); the next open verifies again", path, e)
 
@@ -815,7 +811,7 @@ def brute_force_search(
     query_packed: np.ndarray, db_packed: np.ndarray, db_ids: Sequence[int], k: int, chunk: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference k-NN by a numpy Hamming scan, ranked by (distance, id). For tests and checks."""
-    from dcgh_dist.index.codes import hamming_distances_packed
+    from dcgh_dist.codes import hamming_distances_packed
 
     db_ids = np.asarray(db_ids, dtype=np.int64)
     order_ids = np.argsort(db_ids, kind="stable")

@@ -174,7 +174,7 @@ def reference_metrics(index, q_ids, q_codes, labels, cfg, map_k: int) -> dict[st
     import numpy as np
 
     from dcgh_dist.index.build import read_slices, scan_code_source
-    from dcgh_dist.index.codes import unpack_codes
+    from dcgh_dist.codes import unpack_codes
     from dcgh_dist.metrics import retrieval_metrics
 
     src = scan_code_source(index.manifest.codes_uri, cfg.data.s3_endpoint)

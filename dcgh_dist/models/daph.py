@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dcgh_dist.codes import length_key
 from dcgh_dist.config import ModelConfig
 
 __all__ = ["ClassNet", "DAPHProxyNets", "LabelProxyEncoder", "build_daph_proxy_nets"]
@@ -175,7 +176,7 @@ class DAPHProxyNets(nn.Module):
         parts = {"image_codes": self.image.codes(batch[self.image_key], labels),
                  "text_codes": self.text.codes(batch[self.text_key], labels),
                  "class_codes": self.class_codes()}
-        return {name if k == primary else f"{name}@{k}": v
+        return {length_key(name, k, primary): v
                 for name, by_len in parts.items() for k, v in by_len.items()}
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from dcgh_dist.index.codes import pack_relaxed  # the bit convention, defined once
+from dcgh_dist.codes import pack_relaxed  # the bit convention, defined once
 
 Modality = Literal["image", "text"]
 Precision = Literal["fp32", "bf16"]

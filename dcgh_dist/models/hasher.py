@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dcgh_dist.codes import length_key
+
 
 class HashHead(nn.Module):
     """Linear -> Dropout -> tanh: relaxed K-bit codes in (-1, 1); the bit is ``code >= 0``.
@@ -90,7 +92,7 @@ class CrossModalHasher(nn.Module):
             if key not in batch:
                 continue
             for k, codes in self.encode(modality, batch[key], self.lengths).items():
-                out[f"{modality}_codes" if k == self.bits else f"{modality}_codes@{k}"] = codes
+                out[length_key(f"{modality}_codes", k, self.bits)] = codes
         if not out:
             raise KeyError(f"batch has neither {self.image_key!r} nor {self.text_key!r}")
         return out

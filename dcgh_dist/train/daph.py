@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dcgh_dist.codes import length_key
 from dcgh_dist.config import Config
 from dcgh_dist.data.pipeline import collect, read_split
 from dcgh_dist.metrics import mean_average_precision
@@ -104,14 +105,14 @@ def export_proxy_codes(uri: str, info, cfg: Config, checkpoint_dir: str, files) 
     primary = nets.lengths[0]
     with torch.no_grad():
         for k, c in nets.class_codes().items():
-            out["class_codes" if k == primary else f"class_codes@{k}"] = c.numpy()
+            out[length_key("class_codes", k, primary)] = c.numpy()
     return out
 
 
 def length_codes(codes: dict[str, np.ndarray], bits: int, primary: int) -> dict[str, np.ndarray]:
     """One code length's image, text and class codes (with the labels) under the plain names."""
-    s = "" if bits == primary else f"@{bits}"
-    return {"labels": codes["labels"], **{n: codes[f"{n}{s}"] for n in ("image_codes", "text_codes", "class_codes")}}
+    return {"labels": codes["labels"],
+            **{n: codes[length_key(n, bits, primary)] for n in ("image_codes", "text_codes", "class_codes")}}
 
 
 def proxy_code_stats(codes: dict[str, np.ndarray], seed: int = 0, queries: int = 1000) -> dict[str, float]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dcgh_dist.codes import length_key, length_suffix
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DatasetInfo
 from dcgh_dist.train.proxy_codes import code_keys
@@ -110,7 +111,7 @@ class DCGHObjective(Objective):
         return proxies_state(self.proxies, self.lengths[0])
 
     def extra_train_state(self):
-        return {("proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"): o.state_dict()
+        return {length_key("proxy_optimizer", k, self.lengths[0]): o.state_dict()
                 for k, o in self.proxy_opts.items()}
 
     def load(self, extra_state, train_state):
@@ -118,7 +119,7 @@ class DCGHObjective(Objective):
 
         load_proxies_state(self.proxies, self.lengths[0], extra_state)
         for k, opt in self.proxy_opts.items():
-            name = "proxy_optimizer" if k == self.lengths[0] else f"proxy_optimizer@{k}"
+            name = length_key("proxy_optimizer", k, self.lengths[0])
             if name in train_state:
                 opt.load_state_dict(train_state[name])
 
@@ -132,7 +133,7 @@ def _sum_over_lengths(cfg: Config, per_length) -> tuple[Tensor, dict[str, float]
     weights = cfg.loss.bits_weights or (1.0,) * len(lengths)
     total, logged = None, {}
     for k, w in zip(lengths, weights):
-        loss, terms = per_length(k, "" if k == lengths[0] else f"@{k}")
+        loss, terms = per_length(k, length_suffix(k, lengths[0]))
         total = w * loss if total is None else total + w * loss
         if k == lengths[0]:
             logged.update(terms)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dcgh_dist.codes import length_key
 from dcgh_dist.config import Config
 from dcgh_dist.storage import child_uri, exists, read_bytes, resolve_filesystem, write_bytes_atomic
 
@@ -35,7 +36,7 @@ def signs(x: np.ndarray) -> np.ndarray:
 def code_keys(cfg: Config) -> list[str]:
     """The arrays of ±1 codes a proxy-code file holds for ``cfg``'s code lengths."""
     primary = cfg.model.bits
-    return [name if k == primary else f"{name}@{k}" for k in cfg.model.lengths
+    return [length_key(name, k, primary) for k in cfg.model.lengths
             for name in ("image_codes", "text_codes", "class_codes")]
 
 

@@ -29,7 +29,7 @@ from dcgh_dist.data.presets import resolve_dataset
 from dcgh_dist.models import resolve_family
 from dcgh_dist.models.checkpoint import CheckpointMeta, read_meta
 from dcgh_dist.ray_session import env_default, quiet_progress
-from dcgh_dist.storage import (child_uri, display, exists, is_remote, put_tree, read_text,
+from dcgh_dist.storage import (child_uri, display, exists, is_remote, publish_dir, put_tree, read_text,
                                resolve_filesystem, write_text_atomic)
 from dcgh_dist.train.loop import train_loop_per_worker
 from dcgh_dist.train.process_group import NodeBoundTorchConfig
@@ -383,15 +383,9 @@ def export_checkpoint(src: str, dest: str, s3_endpoint: str | None = None) -> No
                 f"{dest} exists and is not a checkpoint this job exported ({e}); move it away or "
                 "choose another --output-dir"
             ) from e
-    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*_NOT_EXPORTED))
-    if os.path.isdir(dest):
-        old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, dest)
+    publish_dir(dest, lambda staging: shutil.copytree(src, staging, dirs_exist_ok=True,
+                                                      ignore=shutil.ignore_patterns(*_NOT_EXPORTED)),
+                replace=True)
 
 
 def _exists(run_dir: str, cfg: Config) -> bool:
