@@ -1,11 +1,11 @@
 """What a hash code is, for every part of dcgh-dist (models, encoding, indexes, search,
-evaluation, training): the bit convention, packing, brute-force Hamming distance, and the key of
+evaluation, metrics, training): the bit convention, packing, brute-force Hamming distance, and the key of
 one code length's array in a multi-length run. The bottom layer: numpy only.
 
 Bit convention (used by every part of dcgh-dist: encoding, indexes, search, evaluation):
 
 * **bit = 1 where the relaxed code (the tanh output) is >= 0**, bit = 0 where it is < 0. A ±1
-  code maps the same way (+1 -> 1, -1 -> 0). This is :func:`dcgh_dist.metrics.binarize`, so the
+  code maps the same way (+1 -> 1, -1 -> 0). This is :func:`binarize`, so the
   metrics and the indexes always see the same bits.
 * **Packing is** ``numpy.packbits(bits, axis=1)``: big-endian within each byte, i.e. hash
   dimension 0 is the most significant bit of byte 0, dimension 7 the least significant bit of
@@ -22,10 +22,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcgh_dist.metrics import binarize
-
 #: Stated in manifests and shard metadata so a reader can refuse another convention.
 BIT_ORDER = "packbits-big-endian; bit=1 where relaxed code >= 0; bit 0 = hash dim 0"
+
+
+def binarize(codes: np.ndarray) -> np.ndarray:
+    """Turn hash codes into bits; returns a bool array of the same shape (True = bit 1).
+
+    * bool arrays are returned as bits unchanged (as a bool array);
+    * numeric arrays whose values are all exactly 0 or 1 are taken as {0, 1} bits;
+    * anything else (±1 codes, relaxed real-valued codes such as tanh outputs) is binarised by
+      sign with zero counting as positive: ``value >= 0`` → bit 1.
+
+    The {0, 1} detection is per array and unambiguous for ±1 codes: the two readings only differ
+    on the value 0, which never occurs in a ±1 code. Relaxed codes must therefore be centred on
+    zero (tanh-like, not sigmoid-like).
+
+    Raises:
+        ValueError: for non-numeric or complex arrays, or codes containing NaN.
+    """
+    arr = np.asarray(codes)
+    if arr.dtype == np.bool_:
+        return arr.copy()
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"codes must be a real numeric or bool array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+        raise ValueError("codes contain NaN")
+    if arr.size and arr.min() >= 0 and arr.max() <= 1 and np.all((arr == 0) | (arr == 1)):
+        return arr == 1
+    return arr >= 0
 
 
 def length_suffix(bits: int, primary: int) -> str:
@@ -43,7 +68,7 @@ def to_bits(codes: np.ndarray) -> np.ndarray:
 
     bool arrays are bits already; a numeric array whose values are all exactly 0 or 1 is read as
     {0, 1} bits; anything else (±1, relaxed tanh outputs) is ``value >= 0``. Same rules as
-    :func:`dcgh_dist.metrics.binarize`, which does the work.
+    :func:`binarize`, which does the work.
     """
     bits = binarize(codes)
     if bits.ndim != 2:

@@ -36,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dcgh_dist.codes import binarize
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_PAIRS",
     "TASKS",
     "average_precision",
-    "binarize",
     "dcg",
     "dcg_discounts",
     "hamming_distances_unpacked",
@@ -72,33 +73,6 @@ _MAX_EXACT_FLOAT32_INT = 2**24
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
-
-
-def binarize(codes: np.ndarray) -> np.ndarray:
-    """Turn hash codes into bits; returns a bool array of the same shape (True = bit 1).
-
-    * bool arrays are returned as bits unchanged (as a bool array);
-    * numeric arrays whose values are all exactly 0 or 1 are taken as {0, 1} bits;
-    * anything else (±1 codes, relaxed real-valued codes such as tanh outputs) is binarised by
-      sign with zero counting as positive: ``value >= 0`` → bit 1.
-
-    The {0, 1} detection is per array and unambiguous for ±1 codes: the two readings only differ
-    on the value 0, which never occurs in a ±1 code. Relaxed codes must therefore be centred on
-    zero (tanh-like, not sigmoid-like).
-
-    Raises:
-        ValueError: for non-numeric or complex arrays, or codes containing NaN.
-    """
-    arr = np.asarray(codes)
-    if arr.dtype == np.bool_:
-        return arr.copy()
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"codes must be a real numeric or bool array, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
-        raise ValueError("codes contain NaN")
-    if arr.size and arr.min() >= 0 and arr.max() <= 1 and np.all((arr == 0) | (arr == 1)):
-        return arr == 1
-    return arr >= 0
 
 
 def _code_bits(codes: np.ndarray, name: str) -> np.ndarray:

@@ -36,7 +36,8 @@ from dcgh_dist.codes import pack_relaxed
 from dcgh_dist.index.codes import code_shard_meta, codes_table, read_code_shard
 from dcgh_dist.index.manifest import BuildConflictError, read_manifest, resolve_shard_uri
 from dcgh_dist.index.search import IndexClosedError
-from dcgh_dist.metrics import binarize, hamming_distances_unpacked
+from dcgh_dist.codes import binarize
+from dcgh_dist.metrics import hamming_distances_unpacked
 
 BITS = 64
 

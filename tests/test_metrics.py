@@ -13,8 +13,8 @@ import pytest
 from plots import line_pixels, read_plot
 
 from dcgh_dist import metrics
+from dcgh_dist.codes import binarize
 from dcgh_dist.metrics import (
-    binarize,
     hamming_distances_unpacked,
     mean_average_precision,
     ndcg_at_k,

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dcgh_dist.metrics import binarize
+from dcgh_dist.codes import binarize
 
 # Distinct hues, so that every line can be told apart (and found again by tests/plots.py).
 PALETTE = ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green", "tab:cyan", "tab:pink",
