@@ -42,16 +42,17 @@ def run_job(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
     return 0
 
 
-def setup_job_process() -> None:
+def setup_job_process(*, torch: bool = True) -> None:
     """What a job's process sets before it imports Ray: a local cluster bound to loopback only,
-    no Hub downloads, INFO logging; and torch's native libraries loaded first: loaded after
-    pyarrow's and Ray's (as in a `ray job submit` driver) they can fail with "Intel oneMKL FATAL
-    ERROR: Cannot load libtorch_cpu.so"."""
+    no Hub downloads, INFO logging; and, for jobs that run models (``torch``), torch's native
+    libraries loaded first: loaded after pyarrow's and Ray's (as in a `ray job submit` driver) they
+    can fail with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
     import logging
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch  # noqa: F401
+    if torch:
+        import torch as _  # noqa: F401
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -119,12 +119,16 @@ def write_text_atomic(fs: pafs.FileSystem, path: str, text: str) -> None:
     write_bytes_atomic(fs, path, text.encode("utf-8"))
 
 
-def publish_dir(final: str, build: Callable[[str], None], *, replace: bool = False) -> None:
+def publish_dir(final: str, build: Callable[[str], None], *, marker: str | None = None,
+                replace: bool = False) -> None:
     """Make the local directory ``final`` appear whole or not at all: ``build(staging)`` fills a
     private sibling, which is then renamed into place (a rename is atomic; a copy is not).
     Without ``replace`` a ``final`` that another process published first wins and the staging
-    copy is dropped (caches, generated data); with it an existing ``final`` is swapped out and
-    removed (an exported checkpoint). The staging directory never outlives the call."""
+    copy is dropped (caches, generated data): it counts as published only if it holds ``marker``
+    (a file every complete directory has), else the failed rename is raised. With ``replace`` an
+    existing ``final`` is swapped out and removed: the caller vouches that it is its own earlier
+    output (``export_checkpoint`` reads its meta.json first). The staging directory never
+    outlives the call."""
     final = os.path.abspath(final)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
@@ -135,12 +139,13 @@ def publish_dir(final: str, build: Callable[[str], None], *, replace: bool = Fal
             old = f"{staging}.old"
             os.rename(final, old)
             os.rename(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
             return
         try:
             os.rename(staging, final)
         except OSError:
-            if replace or not os.path.isdir(final):  # not a race lost to another publisher
+            published = os.path.isdir(final) and (marker is None or os.path.exists(os.path.join(final, marker)))
+            if replace or not published:  # not a race lost to another publisher
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -240,7 +240,7 @@ def runs(tmp_path_factory, demo_features, ray_cluster) -> dict[str, Path]:
     for bits in (16, 32):
         out[bits] = root / f"dcgh-{bits}"
         train_job.main(["--dataset", demo_features, "--output-dir", str(out[bits]), "--bits", str(bits),
-                        "--epochs", "2"]).metrics
+                        "--epochs", "2"])
     seed1 = root / "dcgh-32-seed1"
     shutil.copytree(out[32], seed1, ignore=shutil.ignore_patterns("ray_results"))
     cfg = yaml.safe_load((seed1 / "config.yaml").read_text())

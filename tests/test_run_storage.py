@@ -68,8 +68,8 @@ def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small
     (storage / "train" / "mydata" / "results.csv").write_text("a,b\n1,2\n")
     common = ["--dataset", demo_small, "--epochs", "1", "--bits", "16", "--batch-size", "64",
               "--skip-baseline", "model.clip_preset=tiny", f"train.storage_path={storage}"]
-    train_job.main([*common, "--output-dir", str(tmp_path / "a")]).metrics
-    train_job.main([*common, "--output-dir", str(tmp_path / "b")]).metrics
+    train_job.main([*common, "--output-dir", str(tmp_path / "a")])
+    train_job.main([*common, "--output-dir", str(tmp_path / "b")])
     run_a, run_b = run_directory(str(tmp_path / "a")), run_directory(str(tmp_path / "b"))
     assert run_a != run_b
     for run in (run_a, run_b):
@@ -77,7 +77,7 @@ def test_runs_sharing_a_storage_path_keep_each_others_files(tmp_path, demo_small
     assert (storage / "train" / "mydata" / "results.csv").read_text() == "a,b\n1,2\n"
     # a fresh run naming an existing directory is refused, and deletes nothing
     with pytest.raises(ValueError, match="already exists"):
-        train_job.main([*common, "--output-dir", str(tmp_path / "c"), "train.run_name=train"]).metrics
+        train_job.main([*common, "--output-dir", str(tmp_path / "c"), "train.run_name=train"])
     assert (storage / "train" / "mydata" / "results.csv").exists()
 
 
@@ -139,7 +139,7 @@ def test_train_writes_every_output_to_s3_and_resumes_from_there(tmp_path, demo_s
     assert run_dir.startswith(f"{out}/ray_results/")
     # another run over a published model is refused before Ray starts, and changes nothing
     with pytest.raises(ValueError, match="never replaced by another run"):
-        train_job.main([*common, "train.seed=1"]).metrics
+        train_job.main([*common, "train.seed=1"])
     assert run_directory(out, endpoint) == run_dir
     # --resume reads run.json from the prefix and continues that run (one more epoch)
     resumed = train_job.main([*common, "--resume", "--epochs", "2"]).metrics
@@ -234,3 +234,12 @@ def test_publish_dir_appears_whole_and_leaves_no_staging(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         publish_dir(str(tmp_path / "never"), broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a directory in the way that lacks the marker is no one's finished copy: refused, kept
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "leftover").write_text("x")
+    with pytest.raises(OSError):
+        publish_dir(str(tmp_path / "partial"), writer("dataset.json"), marker="dataset.json")
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["leftover"]
+    publish_dir(str(final), writer("other"), marker="third")  # holds the marker: published
+    assert sorted(p.name for p in final.iterdir()) == ["third"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial"]

@@ -267,5 +267,5 @@ def ensure_generated(dirname: str, generate, data_root: str | None, what: str) -
     if os.path.exists(os.path.join(path, "dataset.json")):
         return path
     logger.info("generating %s in %s", what, path)
-    publish_dir(path, generate)
+    publish_dir(path, generate, marker="dataset.json")
     return path

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     from dcgh_dist.cli import setup_job_process
 
-    setup_job_process()  # before the library imports Ray
+    setup_job_process(torch=False)  # before the library imports Ray; indexes need no model
 
     from dcgh_dist.index.build import build_index
     from dcgh_dist.ray_session import config_session
