@@ -37,7 +37,8 @@ def read_feature_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcgh_dist.data.format import labels_multihot, list_data_files
+    from dcgh_dist.data.format import SPLITS, list_data_files
+    from dcgh_dist.data.labels import LabelTable
     from dcgh_dist.storage import resolve_filesystem
 
     fs, _ = resolve_filesystem(uri, s3_endpoint)
@@ -46,18 +47,17 @@ def read_feature_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None,
         pq.read_table(f, columns=cols, filesystem=fs)
         for f in (files if files is not None else list_data_files(uri, s3_endpoint))
     )
-    n = table.num_rows
+    labels = LabelTable.from_table(table, info.num_classes, uri)  # sorted by id: the database order
+    order = np.argsort(np.asarray(table.column("id"), dtype=np.int64), kind="stable")
 
     def matrix(name: str) -> np.ndarray:
         col = table.column(name).combine_chunks()
-        return np.asarray(col.flatten(), dtype=np.float64).reshape(n, -1)
+        return np.asarray(col.flatten(), dtype=np.float64).reshape(table.num_rows, -1)[order]
 
-    out = {"id": np.asarray(table.column("id"), dtype=np.int64),
-           "labels": labels_multihot(table.column("labels"), info.num_classes, dtype=np.float64),
-           "split": np.asarray(table.column("split").to_pylist(), dtype=object),
-           "image_features": matrix("image_features"), "text_features": matrix("text_features")}
-    order = np.argsort(out["id"], kind="stable")  # the database order evaluation uses
-    return {k: v[order] for k, v in out.items()}
+    everything = np.arange(len(labels))
+    return {"id": labels.ids, "labels": labels.multihot(everything, np.float64),
+            "split": np.asarray(SPLITS, dtype=object)[labels.split],
+            "image_features": matrix("image_features"), "text_features": matrix("text_features")}
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, rel: float) -> tuple[np.ndarray, np.ndarray]:

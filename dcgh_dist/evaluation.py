@@ -37,11 +37,13 @@ def encode_splits(
     from dcgh_dist.data.pipeline import collect, read_split
     from dcgh_dist.encoding.actor import EncodeEach
     from dcgh_dist.models.checkpoint import read_checkpoint_files
+    from dcgh_dist.models.inputs import preprocessor_for
 
     sources = {name: ({"checkpoint": ray.put(read_checkpoint_files(ckpt, cfg.data.s3_endpoint))}
                       if ckpt is not None else {"config": cfg.to_dict(), "dataset_info": info.to_json()})
                for name, ckpt in checkpoints.items()}
-    ds = read_split(uri, info, cfg, ["query", "train", "val", "db"], keep_split=True, files=files)
+    ds = read_split(uri, cfg, ["query", "train", "val", "db"], preprocessor_for(cfg, info), keep_split=True,
+                    files=files)
     ds = ds.map_batches(
         EncodeEach,
         fn_constructor_args=(sources, bits, _PASSTHROUGH),

@@ -23,7 +23,7 @@ from dcgh_dist.models.clip_weights import (  # noqa: E402
     load_openai_state_dict,
     openai_to_hf,
 )
-from dcgh_dist.models.tokenizer import ClipTokenizer  # noqa: E402
+from dcgh_dist.data.tokenizer import ClipTokenizer  # noqa: E402
 
 # Small but structurally complete: several heads per tower (width // 64), different widths so a
 # vision/text mix-up cannot go unnoticed, the real 49,408-token vocabulary.

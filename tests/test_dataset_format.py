@@ -113,6 +113,29 @@ def test_missing_dataset_json_and_no_files(tmp_path):
         scan_dataset(str(tmp_path))
 
 
+def test_label_table_reads_every_file_in_id_order(tmp_path):
+    """The one reader of the light columns: ids sorted across files, packed multi-hot labels, the
+    first class of each list, splits; an unknown id is an error naming it and the dataset."""
+    from dcgh_dist.data.labels import LabelTable
+
+    rows = [{"id": i, "labels": [(i + 1) % 3, i % 3] if i % 2 else [i % 3],
+             "split": ["train", "query", "db"][i % 3], "image": _png(), "text": "t"} for i in (9, 4, 7, 0, 5, 2)]
+    write_dataset(str(tmp_path), INFO, rows, rows_per_file=2)
+    t = LabelTable.read(str(tmp_path))
+    assert t.ids.tolist() == [0, 2, 4, 5, 7, 9]
+    want = {r["id"]: r for r in rows}
+    for pos, i in enumerate(t.ids):
+        assert np.flatnonzero(t.multihot(pos)).tolist() == sorted(set(want[i]["labels"]))
+        assert t.first[pos] == want[i]["labels"][0]
+    assert t.ids[t.in_splits(("query",))].tolist() == [4, 7]
+    assert t.positions(np.array([[9, 0]])).tolist() == [[5, 0]]
+    with pytest.raises(ValueError, match=r"query id 3 \(and 0 more\) has no row in the labels dataset"):
+        t.positions(np.array([2, 3]), "query id")
+    bad = pa.table({"id": [1, 2], "labels": [[0], [1]], "split": ["train", "test"]})
+    with pytest.raises(DatasetError, match="row id 2 has split 'test'"):
+        LabelTable.from_table(bad, 3)
+
+
 def test_preprocessor_outputs_and_bad_rows():
     pre = BatchPreprocessor(INFO, image_size=32, context_length=16)
     batch = {"id": np.array([1, 2]), "labels": np.array([np.array([0]), np.array([1, 2])], dtype=object),

@@ -134,7 +134,7 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
     import torch
 
     from dcgh_dist.data.format import read_dataset_info
-    from dcgh_dist.data.pipeline import make_preprocessor
+    from dcgh_dist.models.inputs import preprocessor_for
     from dcgh_dist.codes import pack_relaxed
     from dcgh_dist.models.checkpoint import load_model
 
@@ -142,7 +142,7 @@ def test_encode_demo_outputs(encoded_demo, demo_subset, checkpoint):
     table = pq.read_table(sorted(glob.glob(os.path.join(demo_subset, "*.parquet")))[1]).slice(0, 64)
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "labels", "image", "text")}
     # training's own evaluation preprocessing: the job's, built from the checkpoint alone, must agree
-    x = make_preprocessor(meta.config, read_dataset_info(demo_subset), augment=False)(batch)
+    x = preprocessor_for(meta.config, read_dataset_info(demo_subset))(batch)
     ids, codes = read_codes(os.path.join(out, "image"))
     by_id = dict(zip(ids.tolist(), codes))
     with torch.no_grad():

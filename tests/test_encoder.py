@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dcgh_dist.data.format import DatasetInfo
-from dcgh_dist.data.pipeline import make_preprocessor
+from dcgh_dist.models.inputs import preprocessor_for
 from dcgh_dist.codes import pack_relaxed
 from dcgh_dist.models.encoder import Encoder
 
@@ -37,7 +37,7 @@ def _png(seed: int) -> bytes:
 def test_raw_inputs_equal_the_training_pipeline(encoder):
     texts, images = ["a red square", "two dogs on grass", "x"], [_png(0), _png(1)]
     # training's own evaluation-time preprocessing, then the model by hand
-    pre = make_preprocessor(encoder.meta.config, INFO, augment=False)
+    pre = preprocessor_for(encoder.meta.config, INFO)
     batch = pre({"id": np.arange(2), "labels": [[0], [1]], "image": np.array(images, dtype=object),
                  "text": np.array(texts[:2], dtype=object)})
     import torch

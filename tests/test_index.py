@@ -608,7 +608,8 @@ def test_index_metrics_equal_in_memory_metrics_with_ties(tmp_path):
     tie handling (rank by distance, then id = database order) is what is being tested.
     """
     from dcgh_dist.data.format import DatasetInfo, write_dataset
-    from dcgh_dist.index.evaluate import index_retrieval_metrics, read_labels
+    from dcgh_dist.data.labels import LabelTable
+    from dcgh_dist.index.evaluate import index_retrieval_metrics
     from dcgh_dist.metrics import retrieval_metrics
 
     rng = np.random.default_rng(5)
@@ -630,7 +631,7 @@ def test_index_metrics_equal_in_memory_metrics_with_ties(tmp_path):
                        tmp_path / "codes" / f"part-{f}.parquet")
     build_index(str(tmp_path / "codes"), str(tmp_path / "idx"), IndexConfig(shard_size=250), use_ray=False)
     index = ShardedIndex.open(str(tmp_path / "idx"))
-    table = read_labels(str(tmp_path / "data"))
+    table = LabelTable.read(str(tmp_path / "data"))
 
     def multihot(ids):
         out = np.zeros((len(ids), C), dtype=np.float32)

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dcgh_dist import models  # noqa: E402
 from dcgh_dist.config import ModelConfig  # noqa: E402
 from dcgh_dist.models import CrossModalHasher, build_model, list_clip_presets  # noqa: E402
-from dcgh_dist.models.tokenizer import ClipTokenizer  # noqa: E402
+from dcgh_dist.data.tokenizer import ClipTokenizer  # noqa: E402
 
 # The architectures OpenAI published (CLIP paper, Table 20; clip/model.py), written out here
 # rather than read from the presets, so that a wrong preset cannot agree with itself.

@@ -346,7 +346,7 @@ def test_reencoded_codes_are_the_runs_codes(runs, demo_features):
     from dcgh_dist.report.codes import choose_rows, encode_rows
 
     info = read_dataset_info(demo_features)
-    rows = choose_rows(demo_features, info, None, None)
+    rows = choose_rows(demo_features, None, None)
     codes, ok = encode_rows(demo_features, info, None, rows,
                             {"m": Encoder.from_checkpoint(str(runs[16] / "checkpoint"), device="cpu")})
     assert all(v.all() for v in ok.values())

@@ -14,8 +14,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dcgh_dist.models import tokenizer as tokmod  # noqa: E402
-from dcgh_dist.models.tokenizer import (  # noqa: E402
+from dcgh_dist.data import tokenizer as tokmod  # noqa: E402
+from dcgh_dist.data.tokenizer import (  # noqa: E402
     CLIP_VOCAB_SIZE,
     ClipTokenizer,
     build_clip_vocab,

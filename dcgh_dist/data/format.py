@@ -97,17 +97,6 @@ class DatasetInfo:
         )
 
 
-def labels_multihot(column, num_classes: int, dtype=np.float32) -> np.ndarray:
-    """A ``labels`` column (list of class indices per row; pyarrow Array or ChunkedArray) as an
-    (n, C) multi-hot matrix: the one conversion every reader of the light columns uses."""
-    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    lens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    out = np.zeros((len(col), num_classes), dtype=dtype)
-    out[np.repeat(np.arange(len(col)), lens), flat] = 1
-    return out
-
-
 def read_dataset_info(uri: str, s3_endpoint: str | None = None) -> DatasetInfo:
     fs, root = resolve_filesystem(uri, s3_endpoint)
     path = join(root, INFO_FILE)

@@ -12,36 +12,9 @@ import math
 from typing import Iterator, Sequence
 
 from dcgh_dist.config import Config
-from dcgh_dist.data.format import DatasetInfo, list_data_files
+from dcgh_dist.data.format import list_data_files
 from dcgh_dist.storage import resolve_filesystem
 from dcgh_dist.data.preprocess import BatchPreprocessor
-
-
-def image_size_for(cfg: Config) -> int:
-    if cfg.model.image_size:
-        return cfg.model.image_size
-    from dcgh_dist.models.towers import CLIP_PRESETS
-
-    return CLIP_PRESETS[cfg.model.clip_preset].image_size if cfg.model.clip_preset in CLIP_PRESETS else 224
-
-
-def make_preprocessor(
-    cfg: Config,
-    info: DatasetInfo,
-    *,
-    augment: bool,
-    modalities: tuple[str, ...] = ("image", "text"),
-    image_size: int | None = None,
-) -> BatchPreprocessor:
-    tok_dir = cfg.model.pretrained if cfg.model.pretrained and not str(cfg.model.pretrained).endswith(".pt") else None
-    return BatchPreprocessor(
-        info,
-        image_size=image_size or image_size_for(cfg),
-        context_length=cfg.model.context_length,
-        augment=augment,
-        tokenizer_dir=tok_dir,
-        modalities=modalities,
-    )
 
 
 FOOTER_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
@@ -81,18 +54,16 @@ def read_parquet(files: Sequence[str], **kwargs):
 
 def read_split(
     uri: str,
-    info: DatasetInfo,
     cfg: Config,
     splits: Sequence[str],
+    pre: BatchPreprocessor,
     *,
-    augment: bool = False,
     shuffle_files: bool = False,
-    modalities: tuple[str, ...] = ("image", "text"),
     keep_split: bool = False,
-    image_size: int | None = None,
     files: Sequence[str] | None = None,
 ):
-    """A lazily executed, streaming Ray Dataset of preprocessed rows of the given splits.
+    """A lazily executed, streaming Ray Dataset of the given splits' rows through ``pre`` (the
+    model's preprocessing: :func:`dcgh_dist.models.inputs.preprocessor_for`).
 
     ``shuffle_files`` re-shuffles the file order on every epoch (each epoch re-executes the
     pipeline); rows are further mixed by the consumer's local shuffle buffer, so shuffling never
@@ -103,10 +74,10 @@ def read_split(
     fs, _ = resolve_filesystem(uri, cfg.data.s3_endpoint)
     files = list(files) if files is not None else list_data_files(uri, cfg.data.s3_endpoint)
     columns = ["id", "labels", "split"]
-    if "image" in modalities:
-        columns.append(info.image_column)
-    if "text" in modalities:
-        columns.append(info.text_column)
+    if "image" in pre.modalities:
+        columns.append(pre.info.image_column)
+    if "text" in pre.modalities:
+        columns.append(pre.info.text_column)
     ds = read_parquet(
         files,
         filesystem=fs,
@@ -115,7 +86,6 @@ def read_split(
         shuffle="files" if shuffle_files else None,
     )
     ds = ds.filter(expr=col("split").is_in(list(splits)))
-    pre = make_preprocessor(cfg, info, augment=augment, modalities=modalities, image_size=image_size)
     ds = ds.map_batches(
         _WithSplit(pre) if keep_split else pre,
         batch_format="numpy",

@@ -110,7 +110,7 @@ class BatchPreprocessor:
 
     def _tokenize(self, texts: list[str]) -> np.ndarray:
         if self._tokenizer is None:
-            from dcgh_dist.models.tokenizer import ClipTokenizer
+            from dcgh_dist.data.tokenizer import ClipTokenizer
 
             self._tokenizer = ClipTokenizer(self.context_length, self.tokenizer_dir)
         return self._tokenizer(texts)

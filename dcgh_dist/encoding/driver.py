@@ -85,7 +85,7 @@ def run_encode(
     import ray.data
 
     from dcgh_dist.models.checkpoint import read_checkpoint_files, verify_files
-    from dcgh_dist.models.encoder import checkpoint_preprocessor
+    from dcgh_dist.models.inputs import preprocessor_for
 
     t0 = time.time()
     modalities = tuple(m for m in MODALITIES if m in modalities)
@@ -185,7 +185,8 @@ def run_encode(
             from ray.data.expressions import col
 
             ds = ds.filter(expr=col("split").is_in(list(cfg.splits)))
-        pre = checkpoint_preprocessor(meta, modalities, on_error="skip", with_labels=False)
+        pre = preprocessor_for(meta.config, meta.dataset_info, architecture=meta.architecture,
+                               modalities=modalities, on_error="skip", with_labels=False)
         # Reserving the memory of a decoded batch is a real hint for the scheduler, and it makes
         # this step's remote args differ from the model actors': Ray Data would otherwise fuse
         # the two (it fuses a task map into a following actor map with equal resources), and

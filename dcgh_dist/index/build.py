@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dcgh_dist.data.format import first_duplicate, list_data_files, overlapping_ranges
+from dcgh_dist.data.labels import LabelTable
 from dcgh_dist.index.codes import read_code_meta, read_code_shard
 from dcgh_dist.index.lock import build_lock
 from dcgh_dist.storage import display, join, resolve_filesystem, write_bytes_atomic
@@ -286,7 +287,7 @@ def build_shard(
     trained: bytes | None = None,
     s3_endpoint: str | None = None,
     threads: int | None = None,
-    labels: "LabelTable | None" = None,
+    labels: LabelTable | None = None,
     relaxed: bool = False,
 ) -> ShardEntry:
     """Read one shard's codes, build its index, write it to ``out_uri``; return its entry.
@@ -306,7 +307,7 @@ def build_shard(
 def write_shard(
     ids: np.ndarray, codes: np.ndarray, bits: int, cfg: IndexConfig, out_uri: str, rel_uri: str, *,
     trained: bytes | None = None, s3_endpoint: str | None = None, threads: int | None = None,
-    labels: "LabelTable | np.ndarray | None" = None, where: str = "", relaxed: np.ndarray | None = None,
+    labels: LabelTable | np.ndarray | None = None, where: str = "", relaxed: np.ndarray | None = None,
 ) -> ShardEntry:
     """Index ``(ids, codes)`` (any order; sorted here) as one shard at ``out_uri``, with its labels
     file beside it when ``labels`` is given (a :class:`LabelTable` to look the ids up in, or the
@@ -342,7 +343,10 @@ def write_shard(
         sha256=digest, bytes=int(blob.size),
     )
     if labels is not None:
-        rows = labels.rows_of(ids, where) if isinstance(labels, LabelTable) else np.asarray(labels)[order]
+        if isinstance(labels, LabelTable):
+            rows = labels.packed[labels.positions(ids, f"{where}: id")]
+        else:
+            rows = np.asarray(labels)[order]
         entry.labels = write_side_file(side_uri(out_uri, "labels"), side_uri(rel_uri, "labels"), rows, s3_endpoint)
     if relaxed is not None:
         entry.relaxed = write_side_file(side_uri(out_uri, "relaxed"), side_uri(rel_uri, "relaxed"),
@@ -367,40 +371,6 @@ def write_side_file(uri: str, rel_uri: str, array: np.ndarray, s3_endpoint: str 
     fs, path = resolve_filesystem(uri, s3_endpoint)
     write_bytes_atomic(fs, path, data)
     return {"uri": rel_uri, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **fields}
-
-
-@dataclass
-class LabelTable:
-    """A dataset's labels by id: sorted ids and their packed multi-hot rows (``np.packbits``, class
-    c is bit c). What a filtered search tests; read once by the build's driver."""
-
-    ids: np.ndarray
-    rows: np.ndarray
-    num_classes: int
-    uri: str = ""
-
-    @classmethod
-    def read(cls, dataset_uri: str, s3_endpoint: str | None = None) -> "LabelTable":
-        from dcgh_dist.data.format import labels_multihot, read_dataset_info
-
-        info = read_dataset_info(dataset_uri, s3_endpoint)
-        fs, _ = resolve_filesystem(dataset_uri, s3_endpoint)
-        ids, rows = [], []
-        for path in list_data_files(dataset_uri, s3_endpoint):
-            t = pq.read_table(path, filesystem=fs, columns=["id", "labels"])
-            ids.append(t.column("id").to_numpy().astype(np.int64))
-            rows.append(np.packbits(labels_multihot(t.column("labels"), info.num_classes, np.bool_), axis=1))
-        ids_a, rows_a = np.concatenate(ids), np.concatenate(rows)
-        order = np.argsort(ids_a, kind="stable")
-        return cls(ids_a[order], rows_a[order], info.num_classes, dataset_uri)
-
-    def rows_of(self, ids: np.ndarray, where: str = "") -> np.ndarray:
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(0, len(self.ids) - 1))
-        missing = np.flatnonzero(self.ids[pos] != ids) if len(self.ids) else np.arange(len(ids))
-        if missing.size:
-            raise ValueError(f"{where}: id {int(ids[missing[0]])} (and {missing.size - 1} more) has codes but no "
-                             f"row in the labels dataset {self.uri}; pass the dataset the codes were encoded from")
-        return self.rows[pos]
 
 
 def _build_shard_task(*args, **kwargs) -> ShardEntry:

@@ -22,67 +22,16 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS, labels_multihot, list_data_files
-from dcgh_dist.storage import resolve_filesystem
+from dcgh_dist.data.format import DATABASE_SPLITS, SPLITS
+from dcgh_dist.data.labels import LabelTable
 from dcgh_dist.codes import POPCOUNT8
 from dcgh_dist.metrics import average_precision, dcg, dcg_discounts
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LabelTable:
-    """Labels and splits of a dataset keyed by id: sorted ids, bit-packed multi-hot labels."""
-
-    ids: np.ndarray  # (N,) int64, sorted
-    labels: np.ndarray  # (N, ceil(C / 8)) uint8, np.packbits of the multi-hot rows
-    split: np.ndarray  # (N,) uint8 index into SPLITS
-    num_classes: int
-
-    def rows(self, ids: np.ndarray, what: str = "id") -> np.ndarray:
-        """Positions of ``ids`` (any shape); a missing id is an error naming it."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self.ids, ids)
-        pos = np.minimum(pos, len(self.ids) - 1)
-        bad = self.ids[pos] != ids
-        if bad.any():
-            raise ValueError(f"{what} {int(ids[bad].flat[0])} is not in the dataset's labels "
-                             "(codes or index from another dataset?)")
-        return pos
-
-    def multihot(self, positions: np.ndarray) -> np.ndarray:
-        return np.unpackbits(self.labels[positions], axis=-1, count=self.num_classes).astype(bool)
-
-
-def read_labels(dataset_uri: str, s3_endpoint: str | None = None) -> LabelTable:
-    """Read ``id``, ``labels`` and ``split`` of every file (no payloads)."""
-    from dcgh_dist.data.format import read_dataset_info
-
-    info = read_dataset_info(dataset_uri, s3_endpoint)
-    fs, _ = resolve_filesystem(dataset_uri, s3_endpoint)
-    C = info.num_classes
-    split_code = {s: i for i, s in enumerate(SPLITS)}
-
-    def one(path: str):
-        t = pq.read_table(path, filesystem=fs, columns=["id", "labels", "split"])
-        ids = t.column("id").to_numpy().astype(np.int64)
-        mh = labels_multihot(t.column("labels"), C, dtype=bool)
-        splits = np.array([split_code[s] for s in t.column("split").to_pylist()], dtype=np.uint8)
-        return ids, np.packbits(mh, axis=1), splits
-
-    with ThreadPoolExecutor(8) as pool:
-        parts = list(pool.map(one, list_data_files(dataset_uri, s3_endpoint)))
-    ids = np.concatenate([p[0] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    return LabelTable(ids[order], np.concatenate([p[1] for p in parts])[order],
-                      np.concatenate([p[2] for p in parts])[order], C)
 
 
 def _overlap(q_packed_labels: np.ndarray, db_packed_labels: np.ndarray) -> np.ndarray:
@@ -117,12 +66,12 @@ def index_retrieval_metrics(
     if min(ks) < 1:
         raise ValueError(f"every k must be >= 1, got {ks}")
     k_top = min(max(ks), n_db)
-    q_pos = labels.rows(query_ids, "query id")
-    q_lab = labels.labels[q_pos]
+    q_pos = labels.positions(query_ids, "query id")
+    q_lab = labels.packed[q_pos]
 
     # The database's distinct label sets with their counts, for the ideal DCG.
     db_pos = _index_positions(index, labels)
-    patterns, pattern_counts = np.unique(labels.labels[db_pos], axis=0, return_counts=True)
+    patterns, pattern_counts = np.unique(labels.packed[db_pos], axis=0, return_counts=True)
 
     per = {f"map@{map_topk}": [], **({f"ndcg@{ndcg_k}": []} if ndcg_k else {}),
            **{f"p@{k}": [] for k in dict.fromkeys(precision_k)}}
@@ -134,15 +83,15 @@ def index_retrieval_metrics(
         I = I[:, :k_top]
         if (I < 0).any():
             raise RuntimeError("the index returned fewer results than it holds items")
-        pos = labels.rows(I, "index id")
+        pos = labels.positions(I, "index id")
         if db_splits is not None:
             allowed = np.isin(labels.split[pos], [SPLITS.index(s) for s in db_splits])
             if not allowed.all():
                 bad = int(I[~allowed][0])
-                raise ValueError(f"index id {bad} is in split {SPLITS[labels.split[labels.rows(np.array([bad]))[0]]]!r},"
+                raise ValueError(f"index id {bad} is in split {SPLITS[labels.split[pos[~allowed][0]]]!r},"
                                  f" not in the database splits {list(db_splits)}; build the index from "
                                  "codes of the database splits (encode --splits train,val,db)")
-        overlap = _overlap(ql, labels.labels[pos])
+        overlap = _overlap(ql, labels.packed[pos])
         rel = overlap > 0
         k = min(map_topk, n_db)
         per[f"map@{map_topk}"].append(average_precision(rel[:, :k]))
@@ -160,7 +109,7 @@ def index_retrieval_metrics(
 
 def _index_positions(index, labels: LabelTable) -> np.ndarray:
     """Label-table positions of every id in the index."""
-    return labels.rows(np.concatenate([index.ids(i) for i in range(len(index.manifest.shards))]), "index id")
+    return labels.positions(np.concatenate([index.ids(i) for i in range(len(index.manifest.shards))]), "index id")
 
 
 def _ideal_dcg(q_lab: np.ndarray, patterns: np.ndarray, counts: np.ndarray, disc: np.ndarray) -> np.ndarray:

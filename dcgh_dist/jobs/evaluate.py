@@ -74,7 +74,7 @@ def read_query_codes(root: str, modality: str, labels, split: str, s3_endpoint: 
         ids.append(i)
         codes.append(c)
     ids, codes = np.concatenate(ids), np.concatenate(codes)
-    keep = labels.split[labels.rows(ids, "query id")] == SPLITS.index(split)
+    keep = labels.split[labels.positions(ids, "query id")] == SPLITS.index(split)
     order = np.argsort(ids[keep], kind="stable")
     return ids[keep][order], codes[keep][order]
 
@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dcgh_dist.cli import config_from_args
     from dcgh_dist.data.presets import resolve_dataset
     from dcgh_dist.index import ShardedIndex
-    from dcgh_dist.index.evaluate import index_retrieval_metrics, read_labels
+    from dcgh_dist.data.labels import LabelTable
+    from dcgh_dist.index.evaluate import index_retrieval_metrics
     from dcgh_dist.metrics import TASKS
 
     cfg = config_from_args(args, FLAGS, reads=READS)
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise ValueError("give --queries with --index-image/--index-text, or --checkpoint with --work-dir")
         queries, index_uris = args.queries, {"image": args.index_image, "text": args.index_text}
 
-    labels = read_labels(dataset, cfg.data.s3_endpoint)
+    labels = LabelTable.read(dataset, cfg.data.s3_endpoint)
     opened: dict[str, ShardedIndex] = {}
     fingerprints = set()
     results: dict = {}
@@ -181,8 +182,8 @@ def reference_metrics(index, q_ids, q_codes, labels, cfg, map_k: int) -> dict[st
     ids, codes = read_slices(src.uri, [(f.path, 0, f.rows) for f in src.files], cfg.data.s3_endpoint)
     order = np.argsort(ids, kind="stable")
     ids, codes = ids[order], codes[order]
-    db_lab = labels.multihot(labels.rows(ids))
-    q_lab = labels.multihot(labels.rows(q_ids))
+    db_lab = labels.multihot(labels.positions(ids))
+    q_lab = labels.multihot(labels.positions(q_ids))
     return retrieval_metrics(unpack_codes(q_codes), unpack_codes(codes), q_lab, db_lab,
                              map_topk=map_k, ndcg_k=cfg.eval.ndcg_k, precision_k=cfg.eval.precision_k)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dcgh_dist.codes import pack_relaxed  # the bit convention, defined once
+from dcgh_dist.models.inputs import preprocessor_for
 
 Modality = Literal["image", "text"]
 Precision = Literal["fp32", "bf16"]
@@ -133,8 +134,9 @@ class Encoder:
         if key not in self._pre:
             if self.meta is None:
                 raise ValueError("a live model without checkpoint metadata has no preprocessor")
-            self._pre[key] = checkpoint_preprocessor(self.meta, modalities, on_error=on_error,
-                                                     with_labels=with_labels)
+            self._pre[key] = preprocessor_for(self.meta.config, self.meta.dataset_info,
+                                              architecture=self.meta.architecture, modalities=modalities,
+                                              on_error=on_error, with_labels=with_labels)
         return self._pre[key]
 
     def encode_texts(self, texts: Sequence[str], *, packed: bool = True) -> RawCodes:
@@ -156,24 +158,6 @@ class Encoder:
         if ok.any():
             out[ok] = self.codes(modality, x[self.key(modality)][ok], packed=packed)
         return RawCodes(out, errors)
-
-
-def checkpoint_preprocessor(meta, modalities: Sequence[Modality] = ("image", "text"), *,
-                            on_error: str = "skip", with_labels: bool = False):
-    """The evaluation-time preprocessing a checkpoint's model expects (image size, CLIP
-    normalisation, tokenizer and context length), from ``meta`` alone: no dataset needed."""
-    from dcgh_dist.data.pipeline import image_size_for
-    from dcgh_dist.data.preprocess import BatchPreprocessor
-
-    cfg = meta.config
-    vision = (meta.architecture or {}).get("vision") or {}
-    pretrained = cfg.model.pretrained
-    return BatchPreprocessor(
-        meta.dataset_info, image_size=int(vision.get("image_size") or image_size_for(cfg)),
-        context_length=cfg.model.context_length, augment=False,
-        tokenizer_dir=pretrained if pretrained and not str(pretrained).endswith(".pt") else None,
-        modalities=tuple(modalities), on_error=on_error, with_labels=with_labels,
-    )
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -146,7 +146,7 @@ def _add_figures(report: Report, *, max_items: int, tsne_points: int, batch_size
     runs, table = report.runs, report.table
     uri = runs[0].dataset_uri
     info = read_dataset_info(uri, s3_endpoint)
-    rows = choose_rows(uri, info, s3_endpoint, max_items)
+    rows = choose_rows(uri, s3_endpoint, max_items)
     plan = _series_plan(runs, table)
     notes = report.notes.setdefault("curves", [])
     n_db = len(rows.ids["db"])

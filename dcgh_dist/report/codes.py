@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcgh_dist.data.format import DatasetInfo, labels_multihot, list_data_files
+from dcgh_dist.data.format import DatasetInfo, list_data_files
+from dcgh_dist.data.labels import LabelTable
 from dcgh_dist.report.curves import sample_ids
 from dcgh_dist.storage import resolve_filesystem
 
@@ -53,25 +54,17 @@ class Rows:
             d[part] = d[part][mask]
 
 
-def choose_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None, max_items: int | None) -> Rows:
+def choose_rows(uri: str, s3_endpoint: str | None, max_items: int | None) -> Rows:
     """Every query row and at most ``max_items`` database rows (light columns only)."""
-    fs, _ = resolve_filesystem(uri, s3_endpoint)
     files = list_data_files(uri, s3_endpoint)
-    tables = [pq.read_table(f, columns=["id", "split", "labels"], filesystem=fs) for f in files]
-    table = pa.concat_tables(tables) if tables else None
-    ids = np.asarray(table.column("id"), dtype=np.int64)
-    is_query = np.asarray(pc.equal(table.column("split"), "query").fill_null(False))
-    chosen = {"query": np.sort(ids[is_query]), "db": sample_ids(ids[~is_query], max_items)}
-    order = np.argsort(ids, kind="stable")
-    lab = table.column("labels").combine_chunks()
-    multi = labels_multihot(lab, info.num_classes)
-    offsets = np.asarray(lab.offsets)
-    flat = np.asarray(lab.flatten(), dtype=np.int64)
+    table = LabelTable.read(uri, s3_endpoint, files=files)
+    is_query = table.in_splits(("query",))
+    chosen = {"query": table.ids[is_query], "db": sample_ids(table.ids[~is_query], max_items)}
     out_labels, first = {}, {}
     for part, part_ids in chosen.items():
-        rows = order[np.searchsorted(ids[order], part_ids)]
-        out_labels[part] = multi[rows]
-        first[part] = flat[offsets[rows]]  # the first label of each row's list
+        rows = table.positions(part_ids)
+        out_labels[part] = table.multihot(rows, np.float32)
+        first[part] = table.first[rows]
     return Rows(ids=chosen, labels=out_labels, first_label=first, db_total=int((~is_query).sum()), files=files)
 
 

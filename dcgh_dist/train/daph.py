@@ -27,6 +27,7 @@ from dcgh_dist.data.pipeline import collect, read_split
 from dcgh_dist.metrics import mean_average_precision
 from dcgh_dist.models.checkpoint import read_checkpoint_files, verified_state
 from dcgh_dist.models.daph import build_daph_proxy_nets
+from dcgh_dist.models.inputs import preprocessor_for
 from dcgh_dist.storage import child_uri, resolve_filesystem, write_text_atomic
 from dcgh_dist.train.proxy_codes import code_keys, proxy_codes_path, read_proxy_codes, signs, write_proxy_codes
 from dcgh_dist.train.runner import plan_run, run_training
@@ -92,7 +93,7 @@ def export_proxy_codes(uri: str, info, cfg: Config, checkpoint_dir: str, files) 
     import torch
 
     ckpt = read_checkpoint_files(checkpoint_dir, cfg.data.s3_endpoint)
-    ds = read_split(uri, info, cfg, ["train"], files=files).map_batches(
+    ds = read_split(uri, cfg, ["train"], preprocessor_for(cfg, info), files=files).map_batches(
         ProxyCodeBatches, fn_constructor_args=(ray.put(ckpt), cfg.daph.proxy_codes_train_mode),
         batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if cfg.train.use_gpu else 0,

@@ -24,10 +24,11 @@ import pyarrow.fs as pafs
 
 from dcgh_dist.config import Config
 from dcgh_dist.data.format import DATABASE_SPLITS, DatasetScan, scan_dataset
-from dcgh_dist.data.pipeline import collect, image_size_for, read_split
+from dcgh_dist.data.pipeline import collect, read_split
 from dcgh_dist.data.presets import resolve_dataset
 from dcgh_dist.models import resolve_family
 from dcgh_dist.models.checkpoint import CheckpointMeta, read_meta
+from dcgh_dist.models.inputs import image_size_for, preprocessor_for
 from dcgh_dist.ray_session import env_default, quiet_progress
 from dcgh_dist.storage import (child_uri, display, exists, is_remote, publish_dir, put_tree, read_text,
                                resolve_filesystem, write_text_atomic)
@@ -183,22 +184,23 @@ def run_training(cfg: Config, *, resume: bool = False, plan: RunPlan | None = No
 
     logger.info("train split %s", plan.cache_reason)
     datasets, cached = {}, None
+    plain = preprocessor_for(cfg, info)
     if plan.cache_train:
         import ray
 
         # One pipeline run for the whole training: the workers read these arrays zero-copy from
         # the object store and draw each epoch's order from them (train/loop.py).
         t0 = time.perf_counter()
-        cached = {"train": ray.put(collect(read_split(uri, info, cfg, ["train"], files=scan.files)))}
+        cached = {"train": ray.put(collect(read_split(uri, cfg, ["train"], plain, files=scan.files)))}
         if has_val:
-            cached["val"] = ray.put(collect(read_split(uri, info, cfg, ["val"], files=scan.files)))
+            cached["val"] = ray.put(collect(read_split(uri, cfg, ["val"], plain, files=scan.files)))
         logger.info("read %s into the object store in %.1f s", "train and val" if has_val else "train",
                     time.perf_counter() - t0)
     else:
-        datasets["train"] = read_split(uri, info, cfg, ["train"], augment=cfg.data.augment,
+        datasets["train"] = read_split(uri, cfg, ["train"], preprocessor_for(cfg, info, augment=cfg.data.augment),
                                        shuffle_files=True, files=scan.files)
         if has_val:
-            datasets["val"] = read_split(uri, info, cfg, ["val"], files=scan.files)
+            datasets["val"] = read_split(uri, cfg, ["val"], plain, files=scan.files)
 
     output_dir = plan.output_dir
     run_config = ray.train.RunConfig(

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from dcgh_dist.storage import publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -173,27 +174,14 @@ def _cached_tokenizer_dir(bpe_path: Path, cache_root: Path) -> Path:
     """Build (once) and return the tokenizer directory for ``bpe_path`` under ``cache_root``.
 
     The directory name carries a hash of the BPE file, so a different file never reuses a stale
-    cache. It is written into a private temporary directory and renamed into place: rename is
-    atomic, so concurrent processes either see a complete directory or none at all.
+    cache. It is published whole (``storage.publish_dir``), so concurrent processes either see a
+    complete directory or none at all, and the first to finish wins.
     """
     digest = hashlib.sha256(bpe_path.read_bytes() + _CACHE_FORMAT.encode()).hexdigest()[:16]
     final = cache_root / f"dcgh_dist_clip_bpe_{digest}"
     if (final / "tokenizer.json").is_file() or (final / "vocab.json").is_file():
         return final
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_root))
-    try:
-        _write_tokenizer_dir(staging, bpe_path)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another process won the race (the target now exists and is non-empty).
-            if not final.is_dir():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    publish_dir(str(final), lambda staging: _write_tokenizer_dir(Path(staging), bpe_path), marker="vocab.json")
     logger.debug("CLIP tokenizer files cached in %s", final)
     return final
 
