@@ -31,7 +31,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,13 +38,9 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dcgh_dist.ray_session import free_port  # noqa: E402  (after the repository is on sys.path)
+
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dcgh_dist", "local_cluster")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _state_file(state_dir: str) -> str:
@@ -120,11 +115,11 @@ def serve(args: argparse.Namespace) -> None:
             "dashboard_port": args.dashboard_port,
             # Every node runs a dashboard agent; on one host they must not share the default
             # port, or the head's agent may lose the race and jobs can't be submitted.
-            "dashboard_agent_listen_port": _free_port(),
+            "dashboard_agent_listen_port": free_port(),
         },
     )
     for _ in range(args.workers):
-        cluster.add_node(num_cpus=args.cpus_per_node, dashboard_agent_listen_port=_free_port())
+        cluster.add_node(num_cpus=args.cpus_per_node, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     me = psutil.Process()
     state = {
@@ -157,7 +152,7 @@ def start(args: argparse.Namespace) -> dict:
     if old:
         os.remove(_state_file(args.state_dir))
     if not args.dashboard_port:
-        args.dashboard_port = _free_port()
+        args.dashboard_port = free_port()
     token_path = ensure_auth_token(args.state_dir)
     log = open(os.path.join(args.state_dir, "cluster.log"), "w")
     proc = subprocess.Popen(

@@ -73,7 +73,7 @@ def ray_session(
         # two local clusters (tests, benchmarks, a second job) it found the controller "dead" in
         # the other one and removed a running job's placement group. So the port is chosen here
         # and every worker of this cluster is told where its own API server is.
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         # "local": always a new cluster. Without it, ray.init() joins whatever `ray start` left
@@ -143,7 +143,8 @@ def env_default(name: str, value: str) -> Iterator[str]:
         os.environ.pop(name, None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server about to start)."""
     import socket
 
     with socket.socket() as sock:

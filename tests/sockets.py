@@ -17,12 +17,3 @@ def listening_sockets() -> list[tuple[str, int, str]]:
             pass
     return [(c.laddr.ip, c.laddr.port, cmd[c.pid]) for c in psutil.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.pid in cmd]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -18,7 +18,7 @@ from dcgh_dist.config import DAPHConfig, ModelConfig
 from dcgh_dist.distributed import distributed_daph_hash_loss, distributed_daph_proxy_loss
 from dcgh_dist.models import build_model
 from dcgh_dist.models.daph import build_daph_proxy_nets
-from sockets import free_port  # tests/sockets.py
+from dcgh_dist.ray_session import free_port
 
 C, K, D, N_EXTRA = 5, 16, 12, 9
 RULES = ("exact", "superset")

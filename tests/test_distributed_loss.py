@@ -17,7 +17,7 @@ from dcgh_dist.config import LossConfig, ModelConfig
 from dcgh_dist.distributed import all_reduce_grads, distributed_dcgh_loss
 from dcgh_dist.losses import ClassProxies
 from dcgh_dist.models import build_model
-from sockets import free_port  # tests/sockets.py
+from dcgh_dist.ray_session import free_port
 
 B, C, K, D = 6, 5, 32, 24
 

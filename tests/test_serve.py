@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from sockets import free_port  # tests/sockets.py
+
+from dcgh_dist.ray_session import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -33,7 +33,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,17 +47,13 @@ K8S_DIR = Path(__file__).resolve().parent
 REPO = K8S_DIR.parents[1]
 sys.path.insert(0, str(REPO))
 
+from dcgh_dist.ray_session import free_port  # noqa: E402  (after the repository is on sys.path)
+
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head node type
 KUBERAY_HEAD_TYPE = "headgroup"  # KubeRay's
 # KubeRay's autoscaler sidecar runs with Ray's default update interval.
 UPDATE_INTERVAL_S = 5
 PROVIDER = f"{Path(__file__).stem}.MemoryFakeMultiNodeProvider"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kuberay_autoscaling_config(ray_cluster: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +156,7 @@ class SimulatedCluster:
         # short: Ray's socket paths live under it and Unix sockets allow ~107 characters
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix="dcgh-as-")
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.token_path = os.path.join(self.root, "auth_token")
         self.config = autoscaling_config(ray_cluster, f"127.0.0.1:{self.gcs_port}")
@@ -185,7 +180,7 @@ class SimulatedCluster:
             "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
             "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
             "AUTOSCALER_UPDATE_INTERVAL_S": str(UPDATE_INTERVAL_S),
-            "AUTOSCALER_METRIC_PORT": str(_free_port()),
+            "AUTOSCALER_METRIC_PORT": str(free_port()),
             **self.client_env(),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -205,8 +200,8 @@ class SimulatedCluster:
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                f"--port={self.gcs_port}", f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}",
                f"--temp-dir={self.root}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
-               f"--ray-client-server-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
                f"--autoscaling-config={config_path}"]
         if "memory" in head:
             cmd.append(f"--memory={head['memory']}")
