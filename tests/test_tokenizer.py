@@ -325,6 +325,12 @@ def test_corrupt_cache_is_rebuilt(tmp_path) -> None:
         f.unlink()
     tok = ClipTokenizer(context_length=8, cache_dir=str(tmp_path))
     assert tok("a photo of a cat")[0, :7].tolist() == [SOT, 320, 1125, 539, 320, 2368, EOT]
+    # And a partly cleaned one, whose leftover files block the rename of a fresh build.
+    for name in ("vocab.json", "tokenizer.json"):
+        (built / name).unlink(missing_ok=True)
+    assert any(built.iterdir())
+    tok = ClipTokenizer(context_length=8, cache_dir=str(tmp_path))
+    assert tok("a photo of a cat")[0, :7].tolist() == [SOT, 320, 1125, 539, 320, 2368, EOT]
 
 
 def test_tokenizer_dir_with_hf_files_is_used(tok: ClipTokenizer, tmp_path) -> None:

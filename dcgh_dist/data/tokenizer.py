@@ -181,7 +181,9 @@ def _cached_tokenizer_dir(bpe_path: Path, cache_root: Path) -> Path:
     final = cache_root / f"dcgh_dist_clip_bpe_{digest}"
     if (final / "tokenizer.json").is_file() or (final / "vocab.json").is_file():
         return final
-    publish_dir(str(final), lambda staging: _write_tokenizer_dir(Path(staging), bpe_path), marker="vocab.json")
+    # No marker: a directory in the way counts as published even if damaged (a temp cleaner may
+    # have removed files); the caller's probe finds that and rebuilds privately.
+    publish_dir(str(final), lambda staging: _write_tokenizer_dir(Path(staging), bpe_path))
     logger.debug("CLIP tokenizer files cached in %s", final)
     return final
 
