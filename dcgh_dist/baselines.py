@@ -47,12 +47,12 @@ def read_feature_rows(uri: str, info: DatasetInfo, s3_endpoint: str | None,
         pq.read_table(f, columns=cols, filesystem=fs)
         for f in (files if files is not None else list_data_files(uri, s3_endpoint))
     )
-    labels = LabelTable.from_table(table, info.num_classes, uri)  # sorted by id: the database order
-    order = np.argsort(np.asarray(table.column("id"), dtype=np.int64), kind="stable")
+    table = table.sort_by("id")  # the database order evaluation uses
+    labels = LabelTable.from_table(table, info.num_classes, uri, sort=False)
 
     def matrix(name: str) -> np.ndarray:
         col = table.column(name).combine_chunks()
-        return np.asarray(col.flatten(), dtype=np.float64).reshape(table.num_rows, -1)[order]
+        return np.asarray(col.flatten(), dtype=np.float64).reshape(table.num_rows, -1)
 
     everything = np.arange(len(labels))
     return {"id": labels.ids, "labels": labels.multihot(everything, np.float64),

@@ -57,20 +57,22 @@ class LabelTable:
 
         def one(path: str) -> "LabelTable":
             t = pq.read_table(path, filesystem=fs, columns=list(COLUMNS))
-            return cls.from_table(t, info.num_classes, f"{uri} ({path})")
+            return cls.from_table(t, info.num_classes, f"{uri} ({path})", sort=False)
 
         with ThreadPoolExecutor(8) as pool:
             parts = list(pool.map(one, files))  # packed file by file: no dataset-wide (N, C) matrix
+        # One sort, of all the files' rows together.
         ids = np.concatenate([p.ids for p in parts])
         order = np.argsort(ids, kind="stable")
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])[order]  # noqa: E731
         return cls(ids[order], cat("packed"), cat("split"), cat("first"), info.num_classes, uri)
 
     @classmethod
-    def from_table(cls, table: pa.Table, num_classes: int, uri: str = "") -> "LabelTable":
-        """From a table holding at least the light columns (any order; rows are sorted here)."""
+    def from_table(cls, table: pa.Table, num_classes: int, uri: str = "", *, sort: bool = True) -> "LabelTable":
+        """From a table holding at least the light columns, in any order: sorted by id here
+        unless ``sort=False`` (a part that :meth:`read` sorts with the others)."""
         ids = np.asarray(table.column("id"), dtype=np.int64)
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids, kind="stable") if sort else slice(None)
         lab = table.column("labels").combine_chunks()
         split = pc.index_in(table.column("split"), value_set=pa.array(SPLITS))
         if split.null_count:
